@@ -75,8 +75,11 @@ def build_llm_tokenizer(family: str, vocab_size: int = 512, extra_text: list[str
         raise ValueError(f"unknown LLM family {family!r} (llama, opt or t5)")
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=bos, eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+        pad_token="<pad>",
     )
+    # No ``image_token`` attribute: InstructBlipProcessor (transformers 5.24) then registers
+    # "<image>" itself as an AddedToken; given a str attribute it fails on images
+    # ("'str' object has no attribute 'content'").
     fast.padding_side = "left" if family != "t5" else "right"
     return fast
 

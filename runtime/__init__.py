@@ -1,0 +1,6 @@
+"""ib_edge.runtime: run a deploy bundle. Never imports export/, quant/ or bench/."""
+from .errors import BundleError, IbEdgeError, InputError
+from .manifest import Manifest
+from .pipeline import Pipeline, Result, default_bundle_dir
+
+__all__ = ["Pipeline", "Result", "Manifest", "default_bundle_dir", "IbEdgeError", "InputError", "BundleError"]

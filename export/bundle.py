@@ -1,0 +1,193 @@
+"""Build a deploy bundle: validated ONNX graphs + processor files + LLM + manifest.
+
+Everything is written into a temporary sibling directory and renamed into place only when all
+of it has been produced and validated: a failed or interrupted export leaves no half bundle
+and never damages an existing one.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ib_edge.runtime.errors import IbEdgeError
+from ib_edge.runtime.manifest import MANIFEST, SCHEMA_VERSION, sha256_file
+
+from . import onnx_export, specs, wrappers
+from .checkpoint import load_checkpoint
+
+PROBE_PROMPTS = ("Describe this image.", "What color is the circle?", "how MANY shapes, exactly?!",
+                 "Was ist auf dem Bild? 你好 ... émoji 🙂", "a\tb\nc  d")
+
+
+class ExportError(IbEdgeError):
+    pass
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def tool_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("ib-edge", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def preprocess_record(image_processor, config) -> dict:
+    ip = image_processor
+    for flag in ("do_center_crop", "do_pad"):
+        if getattr(ip, flag, False):
+            raise ExportError(f"image processor uses {flag}, which the runtime does not implement")
+    size = ip.size
+    hw = [size["height"], size["width"]] if "height" in size else None
+    if hw is None:
+        raise ExportError(f"image processor size {dict(size)} is not a fixed height/width")
+    vis = config.vision_config.image_size
+    vis = [vis, vis] if isinstance(vis, int) else list(vis)
+    if hw != vis:
+        raise ExportError(f"processor resizes to {hw} but the vision model expects {vis}")
+    return {
+        "size": hw, "resample": int(ip.resample), "do_resize": bool(ip.do_resize),
+        "do_rescale": bool(ip.do_rescale), "rescale_factor": float(ip.rescale_factor),
+        "do_normalize": bool(ip.do_normalize), "image_mean": list(map(float, ip.image_mean)),
+        "image_std": list(map(float, ip.image_std)), "do_convert_rgb": bool(getattr(ip, "do_convert_rgb", True)),
+    }
+
+
+def model_record(config, processor) -> dict:
+    text = config.text_config
+    return {
+        "num_query_tokens": int(config.num_query_tokens),
+        "image_token_id": int(config.image_token_index),
+        "is_encoder_decoder": not config.use_decoder_only_language_model,
+        "llm_family": text.model_type,
+        "llm_hidden_size": specs.llm_hidden_size(text),
+        "llm_max_positions": getattr(text, "max_position_embeddings", None),
+        "qformer_max_text_len": int(config.qformer_config.max_position_embeddings),
+        "qformer_pad_token_id": int(processor.qformer_tokenizer.pad_token_id or 0),
+        "eos_token_id": text.eos_token_id,
+    }
+
+
+def _files(root: Path, sub: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(sub.rglob("*")) if p.is_file()}
+
+
+def check_tokenizers(processor, manifest_model: dict, tok_paths: dict[str, Path]) -> None:
+    """The runtime's tokenization (tokenizers library on the bundle's files) must equal the
+    processor's on probe prompts; otherwise answers would silently differ."""
+    from ib_edge.runtime.preprocess import PromptEncoder
+
+    enc = PromptEncoder(tok_paths["llm"], tok_paths["qformer"], manifest_model)
+    for prompt in PROBE_PROMPTS:
+        ref = processor(text=[prompt], images=None)
+        ours = enc.encode(prompt)
+        ref_ids = [manifest_model["image_token_id"]] * manifest_model["num_query_tokens"] + list(ref["input_ids"][0])
+        if list(ours["input_ids"][0]) != ref_ids:
+            raise ExportError(f"runtime LLM tokenization differs from the processor's for {prompt!r}")
+        if list(ours["qformer_input_ids"][0]) != list(ref["qformer_input_ids"][0]):
+            raise ExportError(f"runtime Q-Former tokenization differs from the processor's for {prompt!r}")
+
+
+def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", revision: str | None = None,
+                  opset: int = 18, seed: int = 0, quiet: bool = False) -> Path:
+    """Export ``model_ref`` into a bundle at ``out`` (replaced atomically if it exists)."""
+    if precision != "fp32":
+        raise ExportError(f"precision {precision!r} is not supported yet (fp32)")
+    out = Path(out).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not (out / MANIFEST).is_file():
+        raise ExportError(f"{out} exists and is not a bundle; refusing to replace it",
+                          hint="choose another --out or remove it")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    t_start = time.perf_counter()
+    try:
+        _log(f"[1/5] loading {model_ref or 'proof-llama'}", quiet)
+        model, processor, source = load_checkpoint(model_ref, revision)
+        artifacts: dict[str, dict] = {}
+        rng = np.random.default_rng(seed)
+        for i, (stage, make_spec) in enumerate(specs.GRAPH_SPECS.items(), start=2):
+            spec = make_spec(model.config)
+            spec = type(spec)(**{**spec.__dict__, "opset": opset})
+            module = wrappers.WRAPPERS[stage](model).eval()
+            t0 = time.perf_counter()
+            _log(f"[{i}/5] exporting {stage} graph (opset {opset})", quiet)
+            path = onnx_export.export_graph(module, spec, tmp / f"{stage}.onnx", rng)
+            t1 = time.perf_counter()
+            parity = onnx_export.validate_graph(module, spec, path, rng)
+            t2 = time.perf_counter()
+            _log(f"      {stage}: cosine {parity.cosine:.7f}, max-abs {parity.max_abs:.2e} "
+                 f"(export {t1 - t0:.1f} s, validate {t2 - t1:.1f} s)", quiet)
+            artifacts[stage] = {
+                "file": path.name,
+                "files": {str(p.relative_to(tmp)): sha256_file(p) for p in onnx_export.graph_files(path)},
+                "precision": "fp32", "backend": "onnxruntime", "opset": opset,
+                "inputs": [t.to_json() for t in spec.inputs],
+                "outputs": [t.to_json() for t in spec.outputs],
+                "validation": {"reference": "pytorch-fp32", **parity.to_json()},
+            }
+        _log("[4/5] saving LLM and processor", quiet)
+        model.language_model.save_pretrained(tmp / "llm", safe_serialization=True)
+        processor.save_pretrained(tmp / "processor")
+        artifacts["llm"] = {"dir": "llm", "files": _files(tmp, tmp / "llm"), "format": "safetensors",
+                            "precision": source["llm_dtype"], "dtype": source["llm_dtype"],
+                            "backend": "transformers", "family": source["llm_family"]}
+        artifacts["processor"] = {"dir": "processor", "files": _files(tmp, tmp / "processor")}
+        mrec = model_record(model.config, processor)
+        tokenizers = {"llm": "processor/tokenizer.json", "qformer": "processor/qformer_tokenizer/tokenizer.json"}
+        for rel in tokenizers.values():
+            if not (tmp / rel).is_file():
+                raise ExportError(f"processor did not write {rel}; a fast (tokenizers) tokenizer is required")
+        _log("[5/5] checking tokenizers and writing manifest", quiet)
+        check_tokenizers(processor, mrec, {k: tmp / v for k, v in tokenizers.items()})
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "precision": precision,
+            "source": source,
+            "model": mrec,
+            "preprocess": preprocess_record(processor.image_processor, model.config),
+            "tokenizers": tokenizers,
+            "artifacts": artifacts,
+            "tools": tool_versions(),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log(f"bundle written to {out} in {time.perf_counter() - t_start:.1f} s", quiet)
+    return out
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Swap ``tmp`` into ``out``; an existing bundle is moved aside first and removed after."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,99 @@
+"""The thin runtime: image + prompt -> answer, chaining the bundle's stages.
+
+    from ib_edge.runtime import Pipeline
+    pipe = Pipeline.load("path/to/bundle")
+    print(pipe.generate("cat.jpg", "What is in this image?"))
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import Manifest
+from .preprocess import PromptEncoder, load_image, pixel_values
+from .stages import OnnxStage
+
+
+def default_bundle_dir() -> Path:
+    """Where ``ib-export`` writes without ``--out`` and where ``ib-run`` looks without ``--bundle``."""
+    if os.environ.get("IB_EDGE_BUNDLE"):
+        return Path(os.environ["IB_EDGE_BUNDLE"])
+    home = os.environ.get("IB_EDGE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "ib-edge")
+    return Path(home) / "bundle"
+
+
+@dataclasses.dataclass
+class Result:
+    answer: str
+    token_ids: list[int]
+    timings_ms: dict[str, float]
+
+
+class Pipeline:
+    def __init__(self, manifest: Manifest, providers=None, threads: int | None = None):
+        self.manifest = manifest
+        tok = manifest.data["tokenizers"]
+        self.prompts = PromptEncoder(manifest.path(tok["llm"]), manifest.path(tok["qformer"]), manifest.model)
+        self.vision = OnnxStage(manifest, "vision", providers, threads)
+        self.qformer = OnnxStage(manifest, "qformer", providers, threads)
+        self._llm = None
+        self._threads = threads
+
+    @classmethod
+    def load(cls, bundle_dir: str | os.PathLike | None = None, *, providers=None, threads: int | None = None,
+             verify: bool = True) -> "Pipeline":
+        """Read the manifest, check every artifact's sha256, open the stages."""
+        manifest = Manifest.load(bundle_dir if bundle_dir is not None else default_bundle_dir())
+        if verify:
+            manifest.verify()
+        return cls(manifest, providers, threads)
+
+    @property
+    def llm(self):
+        if self._llm is None:  # torch/transformers load only when text is generated
+            from .llm import TransformersLLM
+
+            self._llm = TransformersLLM(self.manifest, self._threads)
+        return self._llm
+
+    # --- stage by stage (the bench and drift tests use these) -----------------------------
+    def pixel_values(self, images) -> np.ndarray:
+        return pixel_values([load_image(i) for i in images], self.manifest.preprocess)
+
+    def image_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.vision(pixel_values=pixel_values)["image_embeds"]
+
+    def query_embeds(self, image_embeds: np.ndarray, qformer_input_ids, qformer_attention_mask) -> np.ndarray:
+        return self.qformer(image_embeds=image_embeds, qformer_input_ids=qformer_input_ids,
+                            qformer_attention_mask=qformer_attention_mask)["query_embeds"]
+
+    # --- end to end -----------------------------------------------------------------------
+    def run(self, image, prompt: str, *, max_new_tokens: int = 32, num_beams: int = 1,
+            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, on_text=None) -> Result:
+        t = {}
+        t0 = time.perf_counter()
+        enc = self.prompts.encode(prompt, max_new_tokens)
+        pv = self.pixel_values([image])
+        t1 = time.perf_counter()
+        img = self.image_embeds(pv)
+        t2 = time.perf_counter()
+        q = self.query_embeds(img, enc["qformer_input_ids"], enc["qformer_attention_mask"])
+        t3 = time.perf_counter()
+        llm = self.llm
+        t4 = time.perf_counter()
+        ids = llm.generate(q, enc["input_ids"], enc["attention_mask"], decode=self.prompts.decode,
+                           max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature,
+                           top_p=top_p, seed=seed, on_text=on_text)
+        t5 = time.perf_counter()
+        t = {"preprocess": (t1 - t0) * 1e3, "vision": (t2 - t1) * 1e3, "qformer": (t3 - t2) * 1e3,
+             "llm_prefill": llm.timings["prefill"], "llm_decode": llm.timings["decode"],
+             "total": (t5 - t0 - (t4 - t3)) * 1e3}
+        return Result(self.prompts.decode(ids), ids, t)
+
+    def generate(self, image, prompt: str, **options) -> str:
+        """image: a path or a PIL image. Options: max_new_tokens, num_beams, temperature, top_p, seed."""
+        return self.run(image, prompt, **options).answer
