@@ -67,6 +67,10 @@ def export_graph(module, spec: GraphSpec, path: Path, rng: np.random.Generator) 
 
     import torch
 
+    import logging
+
+    # "torchvision is not installed. Skipping torchvision::nms" and friends, on every export.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     path = Path(path)
     feeds = spec.make_inputs(rng, *TRACE_SHAPE)
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
@@ -81,6 +85,7 @@ def export_graph(module, spec: GraphSpec, path: Path, rng: np.random.Generator) 
         )
     external = n_bytes > EXTERNAL_DATA_THRESHOLD
     program.save(str(path), external_data=external)
+    del program
     return path
 
 

@@ -51,6 +51,8 @@ class TransformersLLM:
         import torch
         import transformers
 
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
         art = manifest.artifact("llm")
         if art.get("format") != "safetensors":
             raise BundleError(f"LLM format {art.get('format')!r} is not supported by this runtime", hint=REBUILD)

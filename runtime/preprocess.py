@@ -34,6 +34,8 @@ def load_image(image):
             raise InputError(f"image path is not a file: {path}")
         try:
             img = Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise InputError(f"image too large: {path}: {e}", hint="downscale it first") from None
         except UnidentifiedImageError:
             raise InputError(f"not an image file (unrecognised format): {path}") from None
         except OSError as e:

@@ -1,0 +1,78 @@
+"""ib-export: turn an InstructBLIP checkpoint into a deploy bundle.
+
+    ib-export [MODEL] [--out DIR] [--precision fp32] [--revision REV] [--opset 18]
+
+MODEL is a shipped proof model (proof-llama, the default; proof-t5), a local checkpoint
+directory, or a hub id such as Salesforce/instructblip-vicuna-7b.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ib-export", description="Export InstructBLIP into an ib-edge deploy bundle.")
+    ap.add_argument("model", nargs="?", default=None,
+                    help="proof-llama (default), proof-t5, a local checkpoint directory, or a hub id")
+    ap.add_argument("--out", default=None, help="bundle directory (default: the location ib-run reads)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32"], help="precision of the vision and Q-Former graphs")
+    ap.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    ap.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
+    ap.add_argument("--seed", type=int, default=0, help="seed for the validation inputs")
+    ap.add_argument("--quiet", action="store_true", help="print only the bundle path")
+    return ap
+
+
+def _silence_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore")
+    for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _silence_libraries()
+    from ib_edge.runtime.errors import IbEdgeError
+    from ib_edge.runtime.pipeline import default_bundle_dir
+
+    try:
+        if args.opset < 18:
+            raise IbEdgeError("--opset must be 18 or newer (the dynamo exporter's minimum; older breaks FP16 later)")
+        from .bundle import export_bundle
+        from .onnx_export import ExportValidationError
+
+        out = args.out or default_bundle_dir()
+        try:
+            path = export_bundle(args.model, out, precision=args.precision, revision=args.revision,
+                                 opset=args.opset, seed=args.seed, quiet=args.quiet)
+        except ExportValidationError as e:
+            print(f"ib-export: error: {e}", file=sys.stderr)
+            return 1
+        if args.quiet:
+            print(path)
+        else:
+            bundle_arg = "" if args.out is None else f" --bundle {path}"
+            print(f"try: ib-run{bundle_arg} IMAGE \"Describe this image.\"", file=sys.stderr)
+        return 0
+    except IbEdgeError as e:
+        print(f"ib-export: error: {e.line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ib-export: interrupted; no bundle was written", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("IB_EDGE_DEBUG"):
+            raise
+        print(f"ib-export: internal error: {type(e).__name__}: {e} (set IB_EDGE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 4
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""ib-run: answer a question about an image from a deploy bundle.
+
+    ib-run [--bundle DIR] IMAGE PROMPT [--max-new-tokens N] [--num-beams N]
+           [--temperature T] [--top-p P] [--seed S] [--json]
+
+Tokens stream to stdout as they are generated; with --json one JSON object is printed at the
+end instead. Any problem with the image, the prompt or the bundle gets one line on stderr and
+a non-zero exit: 2 for bad input, 3 for a bad bundle.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EXIT_INPUT, EXIT_BUNDLE, EXIT_INTERNAL = 2, 3, 4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ib-run", description="Answer a question about an image from an ib-edge bundle.")
+    ap.add_argument("image", help="image file (JPEG, PNG, ...)")
+    ap.add_argument("prompt", help="the question or instruction")
+    ap.add_argument("--bundle", help="bundle directory (default: where ib-export writes without --out)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--num-beams", type=int, default=1)
+    ap.add_argument("--temperature", type=float, default=0.0, help="> 0 samples; 0 is greedy (default)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="< 1 samples from the nucleus")
+    ap.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime and torch")
+    ap.add_argument("--providers", default=None,
+                    help="comma-separated ONNX Runtime providers, e.g. TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider")
+    ap.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
+    ap.add_argument("--json", action="store_true", help="print one JSON object: answer and timings_ms")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import BundleError, IbEdgeError, InputError
+
+    try:
+        from .pipeline import Pipeline
+
+        if args.max_new_tokens < 1 or args.max_new_tokens > 4096:
+            raise InputError("--max-new-tokens must be between 1 and 4096")
+        if not 0.0 < args.top_p <= 1.0:
+            raise InputError("--top-p must be in (0, 1]")
+        if args.temperature < 0:
+            raise InputError("--temperature must be >= 0")
+        providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
+        # Check the cheap things (image, prompt) before loading the models.
+        from .preprocess import load_image
+
+        image = load_image(args.image)
+        pipe = Pipeline.load(args.bundle, providers=providers, threads=args.threads, verify=not args.no_verify)
+        pipe.prompts.check(args.prompt)
+
+        def stream(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        result = pipe.run(image, args.prompt, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                          on_text=None if args.json else stream)
+        if args.json:
+            print(json.dumps({"answer": result.answer,
+                              "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()}}))
+        else:
+            sys.stdout.write("\n")
+        return 0
+    except InputError as e:
+        print(f"ib-run: error: {e.line()}", file=sys.stderr)
+        return EXIT_INPUT
+    except BundleError as e:
+        print(f"ib-run: error: {e.line()}", file=sys.stderr)
+        return EXIT_BUNDLE
+    except IbEdgeError as e:
+        print(f"ib-run: error: {e.line()}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("ib-run: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not bad input: still one line unless debugging
+        if os.environ.get("IB_EDGE_DEBUG"):
+            raise
+        print(f"ib-run: internal error: {type(e).__name__}: {e} (set IB_EDGE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""Shared fixtures: offline reference checkpoints (llama, opt, t5) and their fp32 bundles,
+built once per test session into a temporary directory."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+FAMILIES = ("llama", "opt", "t5")
+
+
+@pytest.fixture(scope="session")
+def reference_dir(tmp_path_factory):
+    from ib_edge.export.reference_models import save_reference
+
+    root = tmp_path_factory.mktemp("reference")
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = save_reference(family, root / family, seed=0)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory, reference_dir):
+    from ib_edge.export.bundle import export_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = export_bundle(str(reference_dir(family)), root / family, quiet=True)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def torch_model():
+    cache = {}
+
+    def get(path):
+        from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+        key = str(path)
+        if key not in cache:
+            model = InstructBlipForConditionalGeneration.from_pretrained(key, use_safetensors=True).eval()
+            cache[key] = (model, InstructBlipProcessor.from_pretrained(key))
+        return cache[key]
+
+    return get

@@ -1,0 +1,88 @@
+"""Bundle writing: atomic replace, no half bundle on failure, model name resolution, CLI errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ib_edge.export import bundle as bundle_mod
+from ib_edge.export import checkpoint
+from ib_edge.export.onnx_export import ExportValidationError
+
+
+def test_failed_export_leaves_existing_bundle_intact(bundle_dir, reference_dir, tmp_path, monkeypatch):
+    src = bundle_dir("opt")
+    out = tmp_path / "b"
+    import shutil
+    shutil.copytree(src, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def boom(*a, **k):
+        raise ExportValidationError("qformer", ["simulated failure"])
+
+    monkeypatch.setattr(bundle_mod.onnx_export, "validate_graph", boom)
+    with pytest.raises(ExportValidationError):
+        bundle_mod.export_bundle(str(reference_dir("opt")), out, quiet=True)
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before
+    assert [p.name for p in tmp_path.iterdir()] == ["b"], "temporary directory left behind"
+
+
+def test_failed_export_writes_nothing_new(reference_dir, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bundle_mod.onnx_export, "export_graph", boom)
+    with pytest.raises(KeyboardInterrupt):
+        bundle_mod.export_bundle(str(reference_dir("opt")), tmp_path / "new", quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reexport_replaces_bundle(bundle_dir, reference_dir, tmp_path):
+    out = tmp_path / "b"
+    bundle_mod.export_bundle(str(reference_dir("opt")), out, quiet=True)
+    first = json.loads((out / "manifest.json").read_text())["created"]
+    bundle_mod.export_bundle(str(reference_dir("opt")), out, quiet=True, seed=1)
+    assert (out / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    assert json.loads((out / "manifest.json").read_text())["created"] >= first
+
+
+def test_refuses_to_replace_non_bundle(reference_dir, tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "keep.txt").write_text("precious")
+    with pytest.raises(bundle_mod.ExportError):
+        bundle_mod.export_bundle(str(reference_dir("opt")), tmp_path / "docs", quiet=True)
+    assert (tmp_path / "docs" / "keep.txt").read_text() == "precious"
+
+
+def test_resolve_model_refs(tmp_path):
+    assert checkpoint.resolve("Salesforce/instructblip-vicuna-7b") == ("Salesforce/instructblip-vicuna-7b", "hub")
+    with pytest.raises(checkpoint.ModelLoadError):
+        checkpoint.resolve("no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(checkpoint.ModelLoadError):
+        checkpoint.resolve(str(tmp_path / "empty"))
+
+
+def test_cli_unknown_model_and_offline_hub(tmp_path):
+    for ref, needle in [("no-such-model", "unknown model"), ("Salesforce/instructblip-vicuna-7b", "cannot load")]:
+        proc = subprocess.run([sys.executable, "-m", "ib_edge.export.cli", ref, "--out", str(tmp_path / "x")],
+                              capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                                "HF_HUB_OFFLINE": "1"})
+        assert proc.returncode != 0
+        assert "Traceback" not in proc.stderr
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ib-export: error:")]
+        assert len(errors) == 1 and needle in errors[0], proc.stderr
+        assert not (tmp_path / "x").exists()
+
+
+def test_runtime_does_not_import_export_quant_bench():
+    code = ("import sys, ib_edge.runtime, ib_edge.runtime.cli, ib_edge.runtime.llm; "
+            "bad = [m for m in sys.modules if m.split('.')[:2] in (['ib_edge','export'],['ib_edge','quant'],['ib_edge','bench'])]; "
+            "heavy = [m for m in ('torch', 'transformers', 'tensorrt') if m in sys.modules]; "
+            "print(bad, heavy); assert not bad and not heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
