@@ -6,6 +6,7 @@ and never damages an existing one.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -29,11 +30,6 @@ PROBE_PROMPTS = ("Describe this image.", "What color is the circle?", "how MANY 
 
 class ExportError(IbEdgeError):
     pass
-
-
-def _log(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
 
 
 def tool_versions() -> dict:
@@ -104,46 +100,76 @@ def check_tokenizers(processor, manifest_model: dict, tok_paths: dict[str, Path]
             raise ExportError(f"runtime Q-Former tokenization differs from the processor's for {prompt!r}")
 
 
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _graph_record(path: Path, root: Path, spec, precision: str, opset: int) -> dict:
+    return {
+        "file": path.name,
+        "files": {str(p.relative_to(root)): sha256_file(p) for p in onnx_export.graph_files(path)},
+        "precision": precision, "backend": "onnxruntime", "opset": opset,
+        "inputs": [t.to_json() for t in spec.inputs],
+        "outputs": [t.to_json() for t in spec.outputs],
+    }
+
+
 def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", revision: str | None = None,
-                  opset: int = 18, seed: int = 0, quiet: bool = False) -> Path:
-    """Export ``model_ref`` into a bundle at ``out`` (replaced atomically if it exists)."""
-    if precision != "fp32":
-        raise ExportError(f"precision {precision!r} is not supported yet (fp32)")
+                  opset: int = 18, seed: int = 0, calib: str | Path | None = None, calib_method: str = "minmax",
+                  recipe_dir: str | Path | None = None, quiet: bool = False) -> Path:
+    """Export ``model_ref`` into a bundle at ``out`` (replaced atomically if it exists).
+
+    fp32: the validated graphs as exported. fp16/int8: the fp32 graphs are converted or
+    quantized, every stage and the chain checked against the fp32 graphs (drift budgets)."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision {precision!r} is not supported (choose {', '.join(PRECISIONS)})")
+    log = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     out = Path(out).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not (out / MANIFEST).is_file():
         raise ExportError(f"{out} exists and is not a bundle; refusing to replace it",
                           hint="choose another --out or remove it")
+    calib_set = recipes = None
+    if precision != "fp32":  # check the calibration inputs before the long work
+        from ib_edge.quant.calibration import CalibrationSet
+        from ib_edge.quant.int8 import Int8Recipe
+
+        calib_set = CalibrationSet.load(calib)
+        if recipe_dir is not None:
+            rdir = Path(recipe_dir)
+            rdir = rdir / "recipes" if (rdir / "recipes").is_dir() else rdir
+            files = {st: rdir / f"{st}.int8.json" for st in specs.GRAPH_SPECS}
+            missing = [str(f) for f in files.values() if not f.is_file()]
+            if missing:
+                raise ExportError(f"recipe files missing: {', '.join(missing)}")
+            recipes = {st: Int8Recipe.load(f) for st, f in files.items()}
+    n_steps = 5 if precision == "fp32" else 6
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     t_start = time.perf_counter()
     try:
-        _log(f"[1/5] loading {model_ref or 'proof-llama'}", quiet)
+        log(f"[1/{n_steps}] loading {model_ref or 'proof-llama'}")
         model, processor, source = load_checkpoint(model_ref, revision)
         artifacts: dict[str, dict] = {}
+        graph_specs, fp32_paths = {}, {}
+        fp32_dir = tmp if precision == "fp32" else tmp / ".fp32"
+        fp32_dir.mkdir(exist_ok=True)
         rng = np.random.default_rng(seed)
         for i, (stage, make_spec) in enumerate(specs.GRAPH_SPECS.items(), start=2):
             spec = make_spec(model.config)
-            spec = type(spec)(**{**spec.__dict__, "opset": opset})
+            spec = dataclasses.replace(spec, opset=opset)
             module = wrappers.WRAPPERS[stage](model).eval()
             t0 = time.perf_counter()
-            _log(f"[{i}/5] exporting {stage} graph (opset {opset})", quiet)
-            path = onnx_export.export_graph(module, spec, tmp / f"{stage}.onnx", rng)
+            log(f"[{i}/{n_steps}] exporting {stage} graph (opset {opset})")
+            path = onnx_export.export_graph(module, spec, fp32_dir / f"{stage}.onnx", rng)
             t1 = time.perf_counter()
             parity = onnx_export.validate_graph(module, spec, path, rng)
             t2 = time.perf_counter()
-            _log(f"      {stage}: cosine {parity.cosine:.7f}, max-abs {parity.max_abs:.2e} "
-                 f"(export {t1 - t0:.1f} s, validate {t2 - t1:.1f} s)", quiet)
-            artifacts[stage] = {
-                "file": path.name,
-                "files": {str(p.relative_to(tmp)): sha256_file(p) for p in onnx_export.graph_files(path)},
-                "precision": "fp32", "backend": "onnxruntime", "opset": opset,
-                "inputs": [t.to_json() for t in spec.inputs],
-                "outputs": [t.to_json() for t in spec.outputs],
-                "validation": {"reference": "pytorch-fp32", **parity.to_json()},
-            }
-        _log("[4/5] saving LLM and processor", quiet)
+            log(f"      {stage}: cosine {parity.cosine:.7f}, max-abs {parity.max_abs:.2e} "
+                f"(export {t1 - t0:.1f} s, validate {t2 - t1:.1f} s)")
+            graph_specs[stage], fp32_paths[stage] = spec, path
+            artifacts[stage] = {"validation": {"reference": "pytorch-fp32", **parity.to_json()}}
+        log(f"[4/{n_steps}] saving LLM and processor")
         model.language_model.save_pretrained(tmp / "llm", safe_serialization=True)
         processor.save_pretrained(tmp / "processor")
         artifacts["llm"] = {"dir": "llm", "files": _files(tmp, tmp / "llm"), "format": "safetensors",
@@ -151,11 +177,35 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
                             "backend": "transformers", "family": source["llm_family"]}
         artifacts["processor"] = {"dir": "processor", "files": _files(tmp, tmp / "processor")}
         mrec = model_record(model.config, processor)
+        prep = preprocess_record(processor.image_processor, model.config)
         tokenizers = {"llm": "processor/tokenizer.json", "qformer": "processor/qformer_tokenizer/tokenizer.json"}
         for rel in tokenizers.values():
             if not (tmp / rel).is_file():
                 raise ExportError(f"processor did not write {rel}; a fast (tokenizers) tokenizer is required")
-        _log("[5/5] checking tokenizers and writing manifest", quiet)
+        del model
+        extra: dict = {}
+        if precision != "fp32":
+            from ib_edge.runtime.preprocess import PromptEncoder
+
+            from .quantize import quantize_stages
+
+            log(f"[5/{n_steps}] {precision}: calibrating, quantizing and checking drift against fp32")
+            prompts = PromptEncoder(tmp / tokenizers["llm"], tmp / tokenizers["qformer"], mrec)
+            q = quantize_stages(precision, fp32_paths, tmp, preprocess=prep, prompts=prompts, calib=calib_set,
+                                method=calib_method, recipes=recipes, log=log)
+            for stage, rec in q["stages"].items():
+                artifacts[stage].update(rec)
+            if q["recipes"]:
+                (tmp / "recipes").mkdir()
+                for stage, recipe in q["recipes"].items():
+                    recipe.save(tmp / "recipes" / f"{stage}.int8.json")
+                    artifacts[stage]["quantization"]["recipe"] = f"recipes/{stage}.int8.json"
+            extra = {"calibration": calib_set.record(), "drift": {"query_embeds_chain": q["chain"],
+                     "reference": "fp32 graphs", "inputs": "held-out split of the calibration set"}}
+            shutil.rmtree(fp32_dir)
+        for stage, spec in graph_specs.items():
+            artifacts[stage] = {**_graph_record(tmp / f"{stage}.onnx", tmp, spec, precision, opset), **artifacts[stage]}
+        log(f"[{n_steps}/{n_steps}] checking tokenizers and writing manifest")
         check_tokenizers(processor, mrec, {k: tmp / v for k, v in tokenizers.items()})
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -163,9 +213,10 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
             "precision": precision,
             "source": source,
             "model": mrec,
-            "preprocess": preprocess_record(processor.image_processor, model.config),
+            "preprocess": prep,
             "tokenizers": tokenizers,
             "artifacts": artifacts,
+            **extra,
             "tools": tool_versions(),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -173,7 +224,7 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _log(f"bundle written to {out} in {time.perf_counter() - t_start:.1f} s", quiet)
+    log(f"bundle written to {out} in {time.perf_counter() - t_start:.1f} s")
     return out
 
 

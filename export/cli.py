@@ -1,6 +1,7 @@
 """ib-export: turn an InstructBLIP checkpoint into a deploy bundle.
 
-    ib-export [MODEL] [--out DIR] [--precision fp32] [--revision REV] [--opset 18]
+    ib-export [MODEL] [--out DIR] [--precision fp32|fp16|int8] [--calib DIR] [--recipe DIR]
+              [--revision REV] [--opset 18]
 
 MODEL is a shipped proof model (proof-llama, the default; proof-t5), a local checkpoint
 directory, or a hub id such as Salesforce/instructblip-vicuna-7b.
@@ -19,7 +20,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("model", nargs="?", default=None,
                     help="proof-llama (default), proof-t5, a local checkpoint directory, or a hub id")
     ap.add_argument("--out", default=None, help="bundle directory (default: the location ib-run reads)")
-    ap.add_argument("--precision", default="fp32", choices=["fp32"], help="precision of the vision and Q-Former graphs")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                    help="precision of the vision and Q-Former graphs (int8: calibrated Q/DQ; every stage is "
+                         "checked against fp32 drift budgets)")
+    ap.add_argument("--calib", default=None, metavar="DIR",
+                    help="calibration images (+ optional instructions.txt) for int8/fp16; default: the shipped "
+                         "set. Calibrating on your own domain is recommended")
+    ap.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile"],
+                    help="activation range calibration for int8")
+    ap.add_argument("--recipe", default=None, metavar="DIR",
+                    help="re-apply the int8 recipes saved in a bundle (DIR or DIR/recipes) instead of searching")
     ap.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     ap.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
     ap.add_argument("--seed", type=int, default=0, help="seed for the validation inputs")
@@ -50,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or default_bundle_dir()
         try:
             path = export_bundle(args.model, out, precision=args.precision, revision=args.revision,
-                                 opset=args.opset, seed=args.seed, quiet=args.quiet)
+                                 opset=args.opset, seed=args.seed, calib=args.calib, calib_method=args.calib_method,
+                                 recipe_dir=args.recipe, quiet=args.quiet)
         except ExportValidationError as e:
             print(f"ib-export: error: {e}", file=sys.stderr)
             return 1
