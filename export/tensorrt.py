@@ -143,8 +143,11 @@ def _has_qdq(onnx_path: Path) -> bool:
 
 def build_engine(onnx_path, engine_path, *, precision: str, profiles: dict[str, Triple],
                  workspace_mb: int = DEFAULT_WORKSPACE_MB, timing_cache=None,
-                 log: Callable[[str], None] = print) -> dict:
-    """ONNX file -> serialized engine at ``engine_path``; returns the manifest's engine record."""
+                 log: Callable[[str], None] = print, identity: dict | None = None) -> dict:
+    """ONNX file -> serialized engine at ``engine_path``; returns the manifest's engine record.
+
+    ``identity`` replaces ``platform_identity()`` (tests, or a caller that already queried it);
+    the TensorRT version is always the one that builds."""
     if precision not in PRECISIONS:
         raise TensorRTBuildError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if int(workspace_mb) < 1:
@@ -158,6 +161,13 @@ def build_engine(onnx_path, engine_path, *, precision: str, profiles: dict[str, 
                                  "are built from explicitly quantized graphs only",
                                  hint="quantize the graph first (Q/DQ), or build fp16")
     trt = _import_tensorrt()
+    ident = dict(identity if identity is not None else platform_identity(tensorrt_version=trt.__version__),
+                 tensorrt=trt.__version__)
+    unknown = [IDENTITY_FIELDS[k] for k in ("gpu_name", "compute_capability") if not ident.get(k)]
+    if unknown:
+        raise TensorRTBuildError(f"cannot record the engine's platform: {', '.join(unknown)} unknown",
+                                 hint="build on the GPU host with torch (CUDA) installed; the runtime "
+                                      "refuses engines whose platform it cannot compare")
     t0 = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -217,7 +227,7 @@ def build_engine(onnx_path, engine_path, *, precision: str, profiles: dict[str, 
     seconds = time.perf_counter() - t0
     log(f"wrote {engine_path.name} ({engine_path.stat().st_size / 2**20:.1f} MiB) in {seconds:.0f} s")
     return {
-        **platform_identity(tensorrt_version=trt.__version__),
+        **ident,
         "precision": precision,
         "profiles": profiles_to_json(profiles),
         "workspace_mb": int(workspace_mb),

@@ -1,0 +1,571 @@
+"""TensorRT engine building and running.
+
+Most tests run without TensorRT: identity parsing, profiles, mismatch messages, ORT provider
+options, and the builder/runner logic against a small fake ``tensorrt`` module (host memory
+stands in for device buffers). The last tests need the real TensorRT and a GPU: they build an
+engine from a tiny ONNX graph and compare it with ONNX Runtime on CPU.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import importlib.util
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from ib_edge.export import tensorrt as trt_export
+from ib_edge.export.tensorrt import (TensorRTBuildError, build_engine, ort_provider_options,
+                                     profiles_from_manifest_inputs, validate_profiles)
+from ib_edge.runtime.errors import BundleError, InputError
+from ib_edge.runtime.manifest import MANIFEST, SCHEMA_VERSION, Manifest
+from ib_edge.runtime.tensorrt_stage import (TensorRTRuntimeError, TensorRTStage, engine_mismatches,
+                                            parse_l4t_release, platform_identity, read_l4t_release)
+
+HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+needs_tensorrt = pytest.mark.skipif(not HAVE_TRT,
+                                    reason="TensorRT is not installed on this machine (build engines on the GPU host)")
+
+ORIN = {"tensorrt": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7", "l4t": "R36.3.0"}
+JP6 = ("# R36 (release), REVISION: 3.0, GCID: 36191598, BOARD: generic, EABI: aarch64, "
+       "DATE: Mon May  6 17:34:21 UTC 2024\n")
+JP5 = ("# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, EABI: aarch64, "
+       "DATE: Tue Aug  1 19:57:35 UTC 2023\n")
+
+
+# --- platform identity ----------------------------------------------------------------------
+@pytest.mark.parametrize("text, want", [(JP6, "R36.3.0"), (JP5, "R35.4.1"),
+                                        ("# R32 (release), REVISION: 7.1, GCID: 29818004\n", "R32.7.1"),
+                                        ("custom build 7\n", "custom build 7"), ("", None)])
+def test_parse_l4t_release(text, want):
+    assert parse_l4t_release(text) == want
+
+
+def test_read_l4t_release(tmp_path):
+    (tmp_path / "nv_tegra_release").write_text(JP6)
+    assert read_l4t_release(tmp_path / "nv_tegra_release") == "R36.3.0"
+    assert read_l4t_release(tmp_path / "absent") is None
+
+
+def test_platform_identity_injected(tmp_path):
+    (tmp_path / "rel").write_text(JP6)
+    ident = platform_identity(gpu=("Orin", (8, 7)), tensorrt_version="10.3.0", tegra_release=tmp_path / "rel")
+    assert {k: ident[k] for k in ORIN} == ORIN
+    off_jetson = platform_identity(gpu=("NVIDIA H100", "9.0"), tensorrt_version="10.7.0",
+                                   tegra_release=tmp_path / "absent")
+    assert (off_jetson["l4t"], off_jetson["compute_capability"]) == (None, "9.0")
+
+
+def test_platform_identity_queries_torch_and_tensorrt(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version="10.3.0.30"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=0: f"Orin-{d}")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=0: (8, 7))
+    ident = platform_identity(device=1, tegra_release=tmp_path / "absent")
+    assert (ident["tensorrt"], ident["gpu_name"], ident["compute_capability"]) == ("10.3.0.30", "Orin-1", "8.7")
+
+
+def test_engine_mismatches_name_each_field():
+    assert engine_mismatches(ORIN, dict(ORIN, cuda_driver="12.6")) == []
+    lines = engine_mismatches(ORIN, dict(ORIN, tensorrt="10.7.0", l4t=None))
+    assert lines == ["TensorRT version: bundle '10.3.0', this machine '10.7.0'",
+                     "JetPack/L4T release: bundle 'R36.3.0', this machine None"]
+    old = {k: v for k, v in ORIN.items() if k != "compute_capability"}
+    assert engine_mismatches(old, ORIN) == ["GPU compute capability: not recorded in the bundle, this machine '8.7'"]
+
+
+# --- profiles -------------------------------------------------------------------------------
+VISION_IN = [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, 224, 224]}]
+QFORMER_IN = [{"name": "image_embeds", "dtype": "float32", "shape": ["batch", 257, 1408]},
+              {"name": "qformer_input_ids", "dtype": "int64", "shape": ["batch", "text_len"]},
+              {"name": "qformer_attention_mask", "dtype": "int64", "shape": ["batch", "text_len"]}]
+
+
+def test_profiles_from_manifest_inputs():
+    assert profiles_from_manifest_inputs(VISION_IN) == {
+        "pixel_values": ((1, 3, 224, 224), (1, 3, 224, 224), (4, 3, 224, 224))}
+    prof = profiles_from_manifest_inputs(QFORMER_IN, batch=(1, 2, 8), text_len=(4, 16, 64))
+    assert prof["image_embeds"] == ((1, 257, 1408), (2, 257, 1408), (8, 257, 1408))
+    assert prof["qformer_input_ids"] == prof["qformer_attention_mask"] == ((1, 4), (2, 16), (8, 64))
+
+
+@pytest.mark.parametrize("kwargs, inputs, needle", [
+    ({"batch": (2, 1, 4)}, VISION_IN, "batch range (2, 1, 4) must satisfy 1 <= min <= opt <= max"),
+    ({"batch": (0, 1, 4)}, VISION_IN, "batch range (0, 1, 4)"),
+    ({"text_len": (1, 64, 32)}, QFORMER_IN, "text_len range (1, 64, 32)"),
+    ({"batch": (1, 2)}, VISION_IN, "batch range must be (min, opt, max) integers"),
+    ({}, [{"name": "x", "shape": ["batch", "seq"]}], "x has dynamic axis 'seq'"),
+    ({}, [{"name": "x", "shape": ["batch", 0]}], "x has dimension 0"),
+])
+def test_profile_errors(kwargs, inputs, needle):
+    with pytest.raises(TensorRTBuildError) as e:
+        profiles_from_manifest_inputs(inputs, **kwargs)
+    assert needle in str(e.value)
+
+
+def test_validate_profiles():
+    assert validate_profiles({"x": ([1, 4], [2, 4], [4, 4])}) == {"x": ((1, 4), (2, 4), (4, 4))}
+    for bad, needle in [({"x": ((1, 4), (2,), (4, 4))}, "mixes ranks"),
+                        ({"x": ((1, 0), (2, 4), (4, 4))}, "below 1"),
+                        ({"x": ((1, 4), (8, 4), (4, 4))}, "on axis [0]")]:
+        with pytest.raises(TensorRTBuildError, match=r"profile for x") as e:
+            validate_profiles(bad)
+        assert needle in str(e.value)
+
+
+# --- ORT execution providers ----------------------------------------------------------------
+def test_ort_provider_options_tensorrt(tmp_path):
+    cache = tmp_path / "trt-cache"
+    name, opts = ort_provider_options("tensorrt", "fp16", cache)
+    assert name == "TensorrtExecutionProvider" and cache.is_dir()
+    assert opts == {"device_id": "0", "trt_fp16_enable": "1", "trt_int8_enable": "0",
+                    "trt_engine_cache_enable": "1", "trt_engine_cache_path": str(cache),
+                    "trt_timing_cache_enable": "1", "trt_timing_cache_path": str(cache),
+                    "trt_max_workspace_size": str(1024 << 20)}
+    _, int8 = ort_provider_options("TensorrtExecutionProvider", "int8", cache, workspace_mb=512)
+    assert (int8["trt_int8_enable"], int8["trt_fp16_enable"], int8["trt_max_workspace_size"]) == \
+        ("1", "1", str(512 << 20))
+    _, fp32 = ort_provider_options("tensorrt", "fp32", cache)
+    assert (fp32["trt_int8_enable"], fp32["trt_fp16_enable"]) == ("0", "0")
+
+
+def test_ort_provider_options_cuda_and_errors(tmp_path):
+    assert ort_provider_options("cuda", "fp32", tmp_path, device=1) == ("CUDAExecutionProvider", {"device_id": "1"})
+    with pytest.raises(TensorRTBuildError, match="'rocm'"):
+        ort_provider_options("rocm", "fp16", tmp_path)
+    with pytest.raises(TensorRTBuildError, match="'int4'"):
+        ort_provider_options("tensorrt", "int4", tmp_path)
+
+
+# --- a fake tensorrt module -----------------------------------------------------------------
+class _Err:
+    def __init__(self, node, name, op, desc):
+        self._v = node, name, op, desc
+
+    def node(self): return self._v[0]
+    def node_name(self): return self._v[1]
+    def node_operator(self): return self._v[2]
+    def desc(self): return self._v[3]
+
+
+def fake_tensorrt(*, version="10.3.0", parse_errors=(), build_fails=False, inputs=(("x", (-1, 16)),),
+                  set_shape_ok=True, execute_ok=True):
+    """Just enough of TensorRT 10's Python API for build_engine and TensorRTStage. Calls are
+    recorded in ``trt.calls``. The engine computes y = 2 x + 1 on host memory."""
+    trt = types.ModuleType("tensorrt")
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
+    trt.__version__ = version
+    calls = trt.calls = []
+    for dt in ("float32", "float16", "int32", "int64", "int8", "bool", "uint8"):
+        setattr(trt, dt, f"DataType.{dt}")
+    trt.Logger = type("Logger", (), {"WARNING": "WARNING", "__init__": lambda self, sev: None})
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", INT8="INT8", TF32="TF32")
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+
+    class Network:
+        num_inputs = len(inputs)
+
+        def get_input(self, i):
+            return types.SimpleNamespace(name=inputs[i][0], shape=inputs[i][1])
+
+    class Parser:
+        def __init__(self, network, logger):
+            self.num_errors = 0
+
+        def parse_from_file(self, path):
+            calls.append(("parse_from_file", path))
+            self.num_errors = len(parse_errors)
+            return not parse_errors
+
+        def get_error(self, i):
+            return _Err(*parse_errors[i])
+
+    class Profile:
+        def set_shape(self, name, lo, opt, hi):
+            calls.append(("set_shape", name, lo, opt, hi))
+
+    class Cache:
+        def __init__(self, blob):
+            self.blob = blob
+
+        def serialize(self):
+            return b"CACHE<" + self.blob + b">"
+
+    class Config:
+        def set_memory_pool_limit(self, pool, size): calls.append(("pool", pool, size))
+        def set_flag(self, flag): calls.append(("set_flag", flag))
+        def clear_flag(self, flag): calls.append(("clear_flag", flag))
+        def add_optimization_profile(self, p): calls.append(("add_profile",)); return 0
+
+        def create_timing_cache(self, blob):
+            calls.append(("create_timing_cache", bytes(blob)))
+            self.cache = Cache(bytes(blob))
+            return self.cache
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            calls.append(("set_timing_cache", ignore_mismatch))
+            return True
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Builder:
+        def __init__(self, logger): pass
+        def create_network(self, flags): calls.append(("create_network", flags)); return Network()
+        def create_builder_config(self): return Config()
+        def create_optimization_profile(self): return Profile()
+
+        def build_serialized_network(self, network, config):
+            calls.append(("build",))
+            return None if build_fails else b"ENGINE"
+
+    class Context:
+        def __init__(self):
+            self.shapes, self.addr = {}, {}
+
+        def set_input_shape(self, name, shape):
+            calls.append(("set_input_shape", name, tuple(shape)))
+            self.shapes[name] = tuple(shape)
+            return set_shape_ok
+
+        def set_tensor_address(self, name, ptr):
+            self.addr[name] = ptr
+            return True
+
+        def get_tensor_shape(self, name):
+            return self.shapes["x"]
+
+        def execute_async_v3(self, stream_handle):
+            calls.append(("execute_async_v3", stream_handle))
+            n = int(np.prod(self.shapes["x"]))
+            x = np.ctypeslib.as_array(ctypes.cast(self.addr["x"], ctypes.POINTER(ctypes.c_float)), (n,))
+            y = np.ctypeslib.as_array(ctypes.cast(self.addr["y"], ctypes.POINTER(ctypes.c_float)), (n,))
+            y[:] = 2 * x + 1
+            return execute_ok
+
+    class Engine:
+        num_io_tensors = 2
+        def get_tensor_name(self, i): return ("x", "y")[i]
+        def get_tensor_mode(self, n): return "INPUT" if n == "x" else "OUTPUT"
+        def get_tensor_dtype(self, n): return trt.float32
+        def create_execution_context(self): return Context()
+
+    class Runtime:
+        def __init__(self, logger): pass
+
+        def deserialize_cuda_engine(self, blob):
+            calls.append(("deserialize",))
+            return Engine() if blob == b"ENGINE" else None
+
+    trt.Builder, trt.OnnxParser, trt.Runtime = Builder, Parser, Runtime
+    return trt
+
+
+class HostBuffers:
+    """Host memory in place of TorchCudaBuffers: same interface, stream handle 0."""
+    handle = 0
+
+    def __init__(self):
+        import torch
+
+        self.torch, self.synced = torch, 0
+
+    def upload(self, a):
+        return self.torch.from_numpy(np.ascontiguousarray(a)).clone()
+
+    def empty(self, shape, dtype):
+        return self.torch.full(shape, float("nan"), dtype=dtype)
+
+    def synchronize(self):
+        self.synced += 1
+
+
+# --- build_engine against the fake ----------------------------------------------------------
+def _onnx_file(path, qdq=False):
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])
+    if qdq:
+        inits = [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]),
+                 helper.make_tensor("z", TensorProto.INT8, [], [0])]
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    else:
+        inits, nodes = [], [helper.make_node("Identity", ["x"], ["y"])]
+    graph = helper.make_graph(nodes, "tiny", [x], [y], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+PROF = {"x": ((1, 16), (2, 16), (4, 16))}
+
+
+def _build(tmp_path, monkeypatch, trt, precision="fp16", **kw):
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    onnx_path = _onnx_file(tmp_path / "tiny.onnx", qdq=precision == "int8")
+    kw.setdefault("profiles", PROF)
+    kw.setdefault("identity", dict(ORIN, tensorrt="ignored: the building TensorRT's version is recorded"))
+    return build_engine(onnx_path, tmp_path / "out" / "tiny.engine", precision=precision, log=lambda m: None, **kw)
+
+
+def test_parse_errors_are_all_reported_and_fatal(tmp_path, monkeypatch):
+    errors = [(3, "/attn/Einsum", "Einsum", "unsupported equation"),
+              (7, "/mlp/Gelu", "Gelu", "approximate='tanh' not supported"),
+              (-1, "", "", "graph input x has no shape")]
+    trt = fake_tensorrt(parse_errors=errors)
+    with pytest.raises(TensorRTBuildError) as e:
+        _build(tmp_path, monkeypatch, trt)
+    msg = str(e.value)
+    assert "(3 error(s))" in msg
+    assert "node 3 (Einsum /attn/Einsum): unsupported equation" in msg
+    assert "node 7 (Gelu /mlp/Gelu): approximate='tanh' not supported" in msg
+    assert "graph: graph input x has no shape" in msg
+    assert ("build",) not in trt.calls and not (tmp_path / "out" / "tiny.engine").exists()
+
+
+@pytest.mark.parametrize("precision, set_flags, cleared", [("fp32", [], ["TF32"]), ("fp16", ["FP16"], []),
+                                                           ("int8", ["INT8", "FP16"], [])])
+def test_precision_flags(tmp_path, monkeypatch, precision, set_flags, cleared):
+    trt = fake_tensorrt()
+    rec = _build(tmp_path, monkeypatch, trt, precision)
+    assert [c[1] for c in trt.calls if c[0] == "set_flag"] == set_flags
+    assert [c[1] for c in trt.calls if c[0] == "clear_flag"] == cleared
+    assert rec["precision"] == precision
+
+
+def test_int8_needs_qdq_graph(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
+    with pytest.raises(TensorRTBuildError, match="no QuantizeLinear/DequantizeLinear"):
+        build_engine(_onnx_file(tmp_path / "plain.onnx"), tmp_path / "e", precision="int8", profiles=PROF,
+                     log=lambda m: None)
+
+
+def test_profile_set_for_every_input_and_workspace(tmp_path, monkeypatch):
+    trt = fake_tensorrt(inputs=(("x", (-1, 16)), ("mask", (-1, -1))))
+    prof = {"x": ((1, 16), (2, 16), (4, 16)), "mask": ((1, 1), (2, 32), (4, 128))}
+    rec = _build(tmp_path, monkeypatch, trt, profiles=prof, workspace_mb=256)
+    assert [c for c in trt.calls if c[0] == "set_shape"] == [
+        ("set_shape", "x", (1, 16), (2, 16), (4, 16)), ("set_shape", "mask", (1, 1), (2, 32), (4, 128))]
+    assert ("add_profile",) in trt.calls and ("create_network", 0) in trt.calls
+    assert ("pool", "WORKSPACE", 256 << 20) in trt.calls
+    assert rec["profiles"]["mask"] == {"min": [1, 1], "opt": [2, 32], "max": [4, 128]}
+    assert rec["workspace_mb"] == 256 and rec["tensorrt"] == "10.3.0"
+    assert set(ORIN) <= set(rec)
+
+
+@pytest.mark.parametrize("prof, needle", [({}, "missing ['x']"),
+                                          ({**PROF, "y": ((1,), (1,), (1,))}, "unknown ['y']"),
+                                          ({"x": ((1,), (2,), (4,))}, "rank 1, the graph's input has rank 2")])
+def test_profiles_must_match_graph_inputs(tmp_path, monkeypatch, prof, needle):
+    trt = fake_tensorrt()
+    with pytest.raises(TensorRTBuildError) as e:
+        _build(tmp_path, monkeypatch, trt, profiles=prof)
+    assert needle in str(e.value) and ("build",) not in trt.calls
+
+
+def test_timing_cache_loaded_and_saved(tmp_path, monkeypatch):
+    cache = tmp_path / "timing.cache"
+    trt = fake_tensorrt()
+    _build(tmp_path, monkeypatch, trt, timing_cache=cache)
+    assert ("create_timing_cache", b"") in trt.calls and ("set_timing_cache", False) in trt.calls
+    assert cache.read_bytes() == b"CACHE<>"
+    trt2 = fake_tensorrt()
+    _build(tmp_path, monkeypatch, trt2, timing_cache=cache)
+    assert ("create_timing_cache", b"CACHE<>") in trt2.calls
+    assert cache.read_bytes() == b"CACHE<CACHE<>>"
+
+
+def test_engine_written_atomically(tmp_path, monkeypatch):
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(trt_export.os, "replace", lambda a, b: (replaced.append((a, b)), real_replace(a, b)))
+    _build(tmp_path, monkeypatch, fake_tensorrt())
+    engine = tmp_path / "out" / "tiny.engine"
+    assert engine.read_bytes() == b"ENGINE"
+    (src, dst), = replaced
+    assert dst == engine and src.parent == engine.parent and src != engine
+    assert sorted(p.name for p in engine.parent.iterdir()) == ["tiny.engine"]
+
+
+def test_failed_build_leaves_no_file(tmp_path, monkeypatch):
+    cache = tmp_path / "timing.cache"
+    with pytest.raises(TensorRTBuildError, match="could not build an engine"):
+        _build(tmp_path, monkeypatch, fake_tensorrt(build_fails=True), timing_cache=cache)
+    assert not (tmp_path / "out").exists() and not cache.exists()
+
+
+def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    def broken(a, b):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trt_export.os, "replace", broken)
+    with pytest.raises(OSError, match="disk full"):
+        _build(tmp_path, monkeypatch, fake_tensorrt())
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_build_refuses_unknown_gpu(tmp_path, monkeypatch):
+    trt = fake_tensorrt()
+    with pytest.raises(TensorRTBuildError, match="GPU, GPU compute capability unknown"):
+        _build(tmp_path, monkeypatch, trt, identity=dict(ORIN, gpu_name=None, compute_capability=None))
+    assert ("build",) not in trt.calls
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="checks the message shown where TensorRT is absent")
+def test_build_without_tensorrt_says_where_to_build(tmp_path):
+    with pytest.raises(TensorRTBuildError, match="TensorRT is not installed") as e:
+        build_engine(_onnx_file(tmp_path / "t.onnx"), tmp_path / "e", precision="fp16", profiles=PROF)
+    assert "GPU host" in e.value.hint
+
+
+# --- TensorRTStage against the fake ---------------------------------------------------------
+def _bundle(root, record, backend="tensorrt"):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "tiny.engine").write_bytes(b"ENGINE")
+    art = {"file": "tiny.engine", "backend": backend, "onnx": "tiny.onnx", "engine": record,
+           "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 16]}],
+           "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 16]}]}
+    data = {"schema_version": SCHEMA_VERSION, "precision": "fp16",
+            "source": {"model": "Salesforce/instructblip-vicuna-7b"}, "model": {}, "preprocess": {},
+            "artifacts": {"tiny": art}}
+    (root / MANIFEST).write_text(json.dumps(data))
+    return Manifest.load(root)
+
+
+RECORD = {**ORIN, "precision": "fp16", "workspace_mb": 1024,
+          "profiles": {"x": {"min": [1, 16], "opt": [2, 16], "max": [4, 16]}}}
+
+
+def test_stage_refuses_other_platform_before_deserializing(tmp_path, monkeypatch):
+    trt = fake_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    m = _bundle(tmp_path / "b", RECORD)
+    here = dict(ORIN, tensorrt="10.7.0", compute_capability="9.0", gpu_name="NVIDIA H100")
+    with pytest.raises(BundleError) as e:
+        TensorRTStage(m, "tiny", identity=here, buffers=HostBuffers())
+    msg = str(e.value)
+    assert "TensorRT version: bundle '10.3.0', this machine '10.7.0'" in msg
+    assert "GPU compute capability: bundle '8.7', this machine '9.0'" in msg
+    assert "GPU: bundle 'Orin', this machine 'NVIDIA H100'" in msg and "L4T" not in msg
+    assert e.value.hint == ("rebuild it on this machine with: ib-export Salesforce/instructblip-vicuna-7b "
+                            f"--precision fp16 --backend tensorrt --out {tmp_path / 'b'}")
+    assert ("deserialize",) not in trt.calls
+
+
+def test_stage_refuses_onnx_artifact(tmp_path):
+    with pytest.raises(BundleError, match="backend 'onnxruntime', not tensorrt"):
+        TensorRTStage(_bundle(tmp_path / "b", RECORD, backend="onnxruntime"), "tiny", identity=ORIN)
+
+
+def test_stage_runs_engine(tmp_path, monkeypatch):
+    trt = fake_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    buffers = HostBuffers()
+    stage = TensorRTStage(_bundle(tmp_path / "b", RECORD), "tiny", identity=dict(ORIN), buffers=buffers)
+    assert (stage.input_names, stage.output_names, stage.providers) == (["x"], ["y"], ["TensorRT"])
+    for batch in (3, 1):
+        x = np.random.default_rng(batch).normal(size=(batch, 16)).astype(np.float32)
+        out = stage(x=x)
+        assert list(out) == ["y"] and out["y"].dtype == np.float32
+        np.testing.assert_array_equal(out["y"], 2 * x + 1)
+    assert [c for c in trt.calls if c[0] == "set_input_shape"] == [("set_input_shape", "x", (3, 16)),
+                                                                   ("set_input_shape", "x", (1, 16))]
+    assert trt.calls.count(("execute_async_v3", 0)) == 2 and buffers.synced == 2
+
+
+@pytest.mark.parametrize("shape, needle", [((5, 16), "x has shape [5, 16], outside the engine's profile "
+                                                      "(min [1, 16], max [4, 16])"),
+                                           ((2, 8), "x has shape [2, 8]"), ((16,), "x has shape [16]")])
+def test_stage_refuses_shape_outside_profile(tmp_path, monkeypatch, shape, needle):
+    trt = fake_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    stage = TensorRTStage(_bundle(tmp_path / "b", RECORD), "tiny", identity=ORIN, buffers=HostBuffers())
+    with pytest.raises(InputError) as e:
+        stage(x=np.zeros(shape, np.float32))
+    assert needle in str(e.value) and not any(c[0] == "set_input_shape" for c in trt.calls)
+
+
+def test_stage_refuses_wrong_dtype(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
+    stage = TensorRTStage(_bundle(tmp_path / "b", RECORD), "tiny", identity=ORIN, buffers=HostBuffers())
+    with pytest.raises(InputError, match="x is float64, the engine takes float32"):
+        stage(x=np.zeros((1, 16)))
+
+
+@pytest.mark.parametrize("kw, needle", [({"set_shape_ok": False}, "refused shape [2, 16] for x"),
+                                        ({"execute_ok": False}, "failed to enqueue stage 'tiny'")])
+def test_stage_checks_tensorrt_return_values(tmp_path, monkeypatch, kw, needle):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(**kw))
+    stage = TensorRTStage(_bundle(tmp_path / "b", RECORD), "tiny", identity=ORIN, buffers=HostBuffers())
+    with pytest.raises(TensorRTRuntimeError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        stage(x=np.zeros((2, 16), np.float32))
+
+
+def test_stage_undeserializable_engine(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
+    m = _bundle(tmp_path / "b", RECORD)
+    (tmp_path / "b" / "tiny.engine").write_bytes(b"garbage")
+    with pytest.raises(BundleError, match="could not deserialize tiny.engine") as e:
+        TensorRTStage(m, "tiny", identity=ORIN, buffers=HostBuffers())
+    assert "--backend tensorrt" in e.value.hint
+
+
+# --- the real TensorRT on a GPU -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    import torch
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.norm = torch.nn.Linear(16, 32), torch.nn.LayerNorm(32)
+
+        def forward(self, x):
+            return self.norm(self.fc(x))
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
+    batch = torch.export.Dim("batch", min=1, max=64)
+    torch.onnx.export(Tiny().eval(), (torch.randn(2, 16),), str(path), dynamo=True, opset_version=18,
+                      input_names=["x"], output_names=["y"], dynamic_shapes={"x": {0: batch}})
+    return path
+
+
+# Tolerances: fp32 builds with TF32 off, so only reduction order differs from ORT (1e-5 on
+# LayerNorm outputs of order 1); fp16 keeps 10 mantissa bits, ~1e-3 relative per op, so 2e-2.
+@needs_tensorrt
+@pytest.mark.parametrize("precision, atol", [("fp32", 1e-4), ("fp16", 2e-2)])
+def test_real_engine_matches_onnxruntime(tiny_onnx, tmp_path, precision, atol):
+    import onnxruntime as ort
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT is installed but no CUDA GPU is visible")
+    bundle = tmp_path / "b"
+    rec = build_engine(tiny_onnx, bundle / "tiny.engine", precision=precision,
+                       profiles={"x": ((1, 16), (2, 16), (4, 16))}, timing_cache=tmp_path / "timing.cache",
+                       log=lambda m: None)
+    data = {"schema_version": SCHEMA_VERSION, "precision": precision, "source": {"model": "tiny"},
+            "model": {}, "preprocess": {}, "artifacts": {"tiny": {
+                "file": "tiny.engine", "backend": "tensorrt", "onnx": "tiny.onnx", "engine": rec,
+                "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 16]}],
+                "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 32]}]}}}
+    (bundle / MANIFEST).write_text(json.dumps(data))
+    stage = TensorRTStage(Manifest.load(bundle), "tiny")
+    sess = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
+    for batch in (1, 3, 4):
+        x = np.random.default_rng(batch).normal(size=(batch, 16)).astype(np.float32)
+        got, want = stage(x=x)["y"], sess.run(["y"], {"x": x})[0]
+        assert got.shape == want.shape == (batch, 32)
+        assert float(np.abs(got - want).max()) < atol
+    with pytest.raises(InputError, match="outside the engine's profile"):
+        stage(x=np.zeros((5, 16), np.float32))
