@@ -56,3 +56,39 @@ def torch_model():
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def quant_bundle_dir(tmp_path_factory, reference_dir):
+    """(family, precision) -> bundle exported at that precision with the default calibration set."""
+    from ib_edge.export.bundle import export_bundle
+
+    root = tmp_path_factory.mktemp("qbundles")
+    cache = {}
+
+    def get(family: str, precision: str):
+        key = (family, precision)
+        if key not in cache:
+            cache[key] = export_bundle(str(reference_dir(family)), root / f"{family}-{precision}",
+                                       precision=precision, quiet=True)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def heldout_images():
+    """Images never calibrated on: scikit-image photos outside the calibration set, plus
+    proof-task scenes from a fresh random stream."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    from ib_edge.bench import proof_task
+    from ib_edge.quant.calibration import CALIB_PHOTOS, HELDOUT_PHOTOS
+
+    assert not set(HELDOUT_PHOTOS) & set(CALIB_PHOTOS)
+    photos = [Image.fromarray(getattr(skimage.data, n)()) for n in HELDOUT_PHOTOS]
+    seed = int.from_bytes(os.urandom(4), "little")
+    scenes = [proof_task.render_scene(np.random.default_rng([0x68656C64, seed, i]))[0] for i in range(4)]
+    return photos, scenes

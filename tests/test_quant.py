@@ -1,0 +1,175 @@
+"""INT8 and FP16 stages against fp32: drift budgets on held-out inputs, the sensitivity search,
+recipe re-application, FP16 graph structure, the calibration set."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from ib_edge.quant import budgets, int8
+from ib_edge.quant.calibration import CalibrationError, CalibrationSet, verify_default_index
+from ib_edge.quant.drift import compare
+from ib_edge.runtime import Pipeline
+
+from .conftest import FAMILIES
+
+INSTRUCTIONS = ["Describe this image.", "What color is the circle?", "How many people are in the picture?",
+                "Is the square on the left or the right?"]
+
+
+def _chain(pipe: Pipeline, images, instructions):
+    out = []
+    for i, img in enumerate(images):
+        enc = pipe.prompts.encode(instructions[i % len(instructions)])
+        emb = pipe.image_embeds(pipe.pixel_values([img]))
+        out.append((emb, pipe.query_embeds(emb, enc["qformer_input_ids"], enc["qformer_attention_mask"])))
+    return out
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_drift_budget_on_heldout(family, precision, bundle_dir, quant_bundle_dir, heldout_images):
+    ref = Pipeline.load(bundle_dir(family))
+    q = Pipeline.load(quant_bundle_dir(family, precision))
+    photos, scenes = heldout_images
+    for name, images in (("real photos", photos), ("proof scenes", scenes)):
+        r, g = _chain(ref, images, INSTRUCTIONS), _chain(q, images, INSTRUCTIONS)
+        for idx, tensor in ((0, "image_embeds"), (1, "query_embeds")):
+            stats = compare([x[idx] for x in r], [x[idx] for x in g])
+            bad = budgets.violations(tensor, precision, stats)
+            assert not bad, f"{family} {name}: {bad} ({stats.line()})"
+
+
+def test_manifest_records_quantization(quant_bundle_dir):
+    d = quant_bundle_dir("llama", "int8")
+    m = json.loads((d / "manifest.json").read_text())
+    cset = CalibrationSet.load()
+    assert m["precision"] == "int8" and m["calibration"]["sha256"] == cset.sha256
+    for stage in ("vision", "qformer"):
+        art = m["artifacts"][stage]
+        assert art["precision"] == "int8"
+        qz = art["quantization"]
+        assert qz["op_types"] == ["MatMul", "Conv", "Gemm"] and qz["method"] == "minmax"
+        assert isinstance(qz["excluded_nodes"], list)
+        assert (d / qz["recipe"]).is_file()
+        assert art["drift"]["cosine_mean"] >= 0.995
+        ops = {n.op_type for n in onnx.load(str(d / art["file"])).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert m["drift"]["query_embeds_chain"]["cosine_min"] >= 0.98
+
+
+def _initializers(path):
+    return {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def test_recipe_reapplies_identically(quant_bundle_dir, reference_dir, tmp_path):
+    from ib_edge.export.bundle import export_bundle
+
+    first = quant_bundle_dir("opt", "int8")
+    again = export_bundle(str(reference_dir("opt")), tmp_path / "again", precision="int8", recipe_dir=first,
+                          quiet=True)
+    for stage in ("vision", "qformer"):
+        a, b = _initializers(first / f"{stage}.onnx"), _initializers(again / f"{stage}.onnx")
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        assert (first / "recipes" / f"{stage}.int8.json").read_text() == (again / "recipes" / f"{stage}.int8.json").read_text()
+
+
+def test_sensitivity_search_excludes_until_budget(bundle_dir, tmp_path):
+    """With a budget the plain quantization misses, the search must exclude the most sensitive
+    nodes, and the drift must end within that budget."""
+    from ib_edge.export.quantize import _vision_feeds
+    from ib_edge.quant.calibration import CalibrationSet
+
+    d = bundle_dir("llama")
+    pipe = Pipeline.load(d)
+    cal, held = CalibrationSet.load().split()
+    cfg = pipe.manifest.preprocess
+    cal_f, held_f = _vision_feeds(cal, cfg), _vision_feeds(held, cfg)
+    fp32 = d / "vision.onnx"
+    plain = tmp_path / "plain.onnx"
+    int8.apply(fp32, plain, int8.Int8Recipe(), cal_f)
+    ref = int8.run_graph(fp32, held_f, "image_embeds")
+    base = compare(ref, int8.run_graph(plain, held_f, "image_embeds"))
+    target = base.cosine_min + (1 - base.cosine_min) * 0.5      # halfway to perfect: plain misses it
+    recipe, drift, steps = int8.search(fp32, tmp_path / "s.onnx", "image_embeds", cal_f, held_f,
+                                       lambda s: s.cosine_min >= target)
+    assert recipe.exclude, "search excluded nothing although the plain graph misses the budget"
+    assert drift.cosine_min >= target > base.cosine_min
+    assert steps[0].excluded == 0 and steps[-1].excluded == len(recipe.exclude)
+    excluded_ops = {n.name: n.op_type for n in onnx.load(str(fp32)).graph.node}
+    assert all(excluded_ops[n] in int8.DEFAULT_OP_TYPES for n in recipe.exclude)
+    q_nodes = {n.input[0] for n in onnx.load(str(tmp_path / "s.onnx")).graph.node if n.op_type == "QuantizeLinear"}
+    assert q_nodes, "nothing quantized any more"
+
+
+def test_all_ops_int8_breaks_budget(bundle_dir, tmp_path):
+    """The measured reason for the default op set: quantizing Add/Softmax/LayerNorm too drifts
+    further than MatMul/Conv/Gemm alone."""
+    from ib_edge.export.quantize import _vision_feeds
+
+    d = bundle_dir("llama")
+    pipe = Pipeline.load(d)
+    cal, held = CalibrationSet.load().split()
+    cal_f, held_f = _vision_feeds(cal, pipe.manifest.preprocess), _vision_feeds(held, pipe.manifest.preprocess)
+    ref = int8.run_graph(d / "vision.onnx", held_f, "image_embeds")
+    drifts = {}
+    for name, ops in {"default": int8.DEFAULT_OP_TYPES,
+                      "all": int8.DEFAULT_OP_TYPES + ("Add", "Softmax", "LayerNormalization", "Mul")}.items():
+        out = tmp_path / f"{name}.onnx"
+        int8.apply(d / "vision.onnx", out, int8.Int8Recipe(op_types=ops), cal_f)
+        drifts[name] = compare(ref, int8.run_graph(out, held_f, "image_embeds"))
+    assert drifts["all"].sqnr_db < drifts["default"].sqnr_db
+
+
+def test_fp16_graph_keeps_fp32_io_and_blocked_ops(quant_bundle_dir):
+    from ib_edge.quant.fp16 import KEEP_FP32_OPS
+
+    d = quant_bundle_dir("t5", "fp16")
+    for stage in ("vision", "qformer"):
+        g = onnx.load(str(d / f"{stage}.onnx")).graph
+        assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in g.output)
+        assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in g.initializer)
+        assert any(n.op_type in KEEP_FP32_OPS for n in g.node)
+
+
+def test_default_calibration_set_is_intact():
+    assert verify_default_index() == []
+    cset = CalibrationSet.load()
+    calib, held = cset.split()
+    assert not set(calib) & set(held) and len(held) >= 4
+    assert any("photos" in str(p) for p in calib) and any("proof" in str(p) for p in calib)
+
+
+def test_user_calibration_dir(tmp_path):
+    from PIL import Image
+
+    for i in range(5):
+        Image.new("RGB", (32, 32), (i * 40, 10, 10)).save(tmp_path / f"{i}.png")
+    a = CalibrationSet.load(tmp_path)
+    assert len(a.images) == 5 and len(a.instructions) > 5  # default instructions when none given
+    (tmp_path / "instructions.txt").write_text("Count the cars.\nWhat is the weather?\n")
+    b = CalibrationSet.load(tmp_path)
+    assert b.instructions == ("Count the cars.", "What is the weather?") and b.sha256 != a.sha256
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(tmp_path / "0.png")
+    assert CalibrationSet.load(tmp_path).sha256 != b.sha256
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CalibrationError):
+        CalibrationSet.load(empty)
+
+
+def test_cli_bad_calibration_dir(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ib_edge.export.cli", "--precision", "int8", "--calib",
+                           str(tmp_path / "nope"), "--out", str(tmp_path / "b")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    errs = [ln for ln in proc.stderr.splitlines() if ln.startswith("ib-export: error:")]
+    assert len(errs) == 1 and "calibration directory not found" in errs[0]
+    assert not (tmp_path / "b").exists()
