@@ -101,6 +101,7 @@ def check_tokenizers(processor, manifest_model: dict, tok_paths: dict[str, Path]
 
 
 PRECISIONS = ("fp32", "fp16", "int8")
+BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def _graph_record(path: Path, root: Path, spec, precision: str, opset: int) -> dict:
@@ -115,13 +116,23 @@ def _graph_record(path: Path, root: Path, spec, precision: str, opset: int) -> d
 
 def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", revision: str | None = None,
                   opset: int = 18, seed: int = 0, calib: str | Path | None = None, calib_method: str = "minmax",
-                  recipe_dir: str | Path | None = None, quiet: bool = False) -> Path:
+                  recipe_dir: str | Path | None = None, backend: str = "onnxruntime",
+                  trt: dict | None = None, quiet: bool = False) -> Path:
     """Export ``model_ref`` into a bundle at ``out`` (replaced atomically if it exists).
 
     fp32: the validated graphs as exported. fp16/int8: the fp32 graphs are converted or
     quantized, every stage and the chain checked against the fp32 graphs (drift budgets)."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision {precision!r} is not supported (choose {', '.join(PRECISIONS)})")
+    if backend not in BACKENDS:
+        raise ExportError(f"backend {backend!r} is not supported (choose {', '.join(BACKENDS)})")
+    if backend == "tensorrt":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorrt") is None:
+            raise ExportError("TensorRT is not installed here",
+                              hint="build engines on the GPU host (JetPack ships TensorRT), or export with "
+                                   "--backend onnxruntime and run it with ib-run --providers tensorrt,cuda,cpu")
     log = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     out = Path(out).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,6 +216,8 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
             shutil.rmtree(fp32_dir)
         for stage, spec in graph_specs.items():
             artifacts[stage] = {**_graph_record(tmp / f"{stage}.onnx", tmp, spec, precision, opset), **artifacts[stage]}
+        if backend == "tensorrt":
+            build_engines(artifacts, tmp, precision, source, trt or {}, log)
         log(f"[{n_steps}/{n_steps}] checking tokenizers and writing manifest")
         check_tokenizers(processor, mrec, {k: tmp / v for k, v in tokenizers.items()})
         manifest = {
@@ -226,6 +239,25 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
         raise
     log(f"bundle written to {out} in {time.perf_counter() - t_start:.1f} s")
     return out
+
+
+def build_engines(artifacts: dict, root: Path, precision: str, source: dict, opts: dict, log) -> None:
+    """Build a TensorRT engine per graph; the artifact then points at the engine and keeps
+    the ONNX file (listed and hashed too) for rebuilding on another device."""
+    from . import tensorrt as trt_build
+
+    cache = Path(opts.get("timing_cache") or (root.parent / ".ib-edge-timing.cache"))
+    for stage in specs.GRAPH_SPECS:
+        art = artifacts[stage]
+        profiles = trt_build.profiles_from_manifest_inputs(
+            art["inputs"], batch=tuple(opts.get("batch", trt_build.DEFAULT_BATCH)),
+            text_len=tuple(opts.get("text_len", trt_build.DEFAULT_TEXT_LEN)))
+        engine = root / f"{stage}.engine"
+        rec = trt_build.build_engine(root / art["file"], engine, precision=precision, profiles=profiles,
+                                     workspace_mb=int(opts.get("workspace_mb", trt_build.DEFAULT_WORKSPACE_MB)),
+                                     timing_cache=cache, log=lambda m: log(f"      {m}"))
+        art.update({"onnx": art["file"], "file": engine.name, "backend": "tensorrt", "engine": rec})
+        art["files"][engine.name] = sha256_file(engine)
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="activation range calibration for int8")
     ap.add_argument("--recipe", default=None, metavar="DIR",
                     help="re-apply the int8 recipes saved in a bundle (DIR or DIR/recipes) instead of searching")
+    ap.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                    help="onnxruntime: ONNX graphs (CPU, or CUDA/TensorRT through ORT providers); tensorrt: build "
+                         "TensorRT engines for THIS machine's GPU (needs TensorRT; run it on the Jetson)")
+    ap.add_argument("--trt-workspace-mb", type=int, default=1024, help="TensorRT builder workspace (Jetson: keep small)")
+    ap.add_argument("--trt-batch", default="1,1,4", help="TensorRT profile min,opt,max batch size")
+    ap.add_argument("--trt-text-len", default="1,32,128", help="TensorRT profile min,opt,max instruction tokens")
     ap.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     ap.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
     ap.add_argument("--seed", type=int, default=0, help="seed for the validation inputs")
@@ -45,6 +51,18 @@ def _silence_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _triple(text: str, flag: str) -> tuple[int, int, int]:
+    from ib_edge.runtime.errors import IbEdgeError
+
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 3 or not 1 <= vals[0] <= vals[1] <= vals[2]:
+        raise IbEdgeError(f"{flag} must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {text!r}")
+    return vals
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _silence_libraries()
@@ -58,10 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         from .onnx_export import ExportValidationError
 
         out = args.out or default_bundle_dir()
+        trt = {"workspace_mb": args.trt_workspace_mb, "batch": _triple(args.trt_batch, "--trt-batch"),
+               "text_len": _triple(args.trt_text_len, "--trt-text-len")}
         try:
             path = export_bundle(args.model, out, precision=args.precision, revision=args.revision,
                                  opset=args.opset, seed=args.seed, calib=args.calib, calib_method=args.calib_method,
-                                 recipe_dir=args.recipe, quiet=args.quiet)
+                                 recipe_dir=args.recipe, backend=args.backend, trt=trt, quiet=args.quiet)
         except ExportValidationError as e:
             print(f"ib-export: error: {e}", file=sys.stderr)
             return 1

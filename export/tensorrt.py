@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from ib_edge.runtime.errors import IbEdgeError
+from ib_edge.runtime.stages import ort_provider_options  # noqa: F401  (re-exported)
 from ib_edge.runtime.tensorrt_stage import (  # noqa: F401  (re-exported: the export side records them)
     IDENTITY_FIELDS, engine_mismatches, parse_l4t_release, platform_identity)
 
@@ -233,30 +234,3 @@ def build_engine(onnx_path, engine_path, *, precision: str, profiles: dict[str, 
         "workspace_mb": int(workspace_mb),
         "build_s": round(seconds, 1),
     }
-
-
-# --- ONNX Runtime's TensorRT / CUDA execution providers -------------------------------------
-def ort_provider_options(provider: str, precision: str, cache_dir, *, device: int = 0,
-                         workspace_mb: int = DEFAULT_WORKSPACE_MB) -> tuple[str, dict]:
-    """(provider name, options) for ``InferenceSession(providers=[...])``. Values are strings
-    ("1"/"0"), which every ORT version parses. The TensorRT EP caches the engines it builds in
-    ``cache_dir``; ORT checks those against the TensorRT version itself."""
-    if precision not in PRECISIONS:
-        raise TensorRTBuildError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    kind = provider.lower().replace("executionprovider", "")
-    if kind == "tensorrt":
-        cache = Path(cache_dir)
-        cache.mkdir(parents=True, exist_ok=True)
-        return "TensorrtExecutionProvider", {
-            "device_id": str(device),
-            "trt_fp16_enable": "1" if precision in ("fp16", "int8") else "0",
-            "trt_int8_enable": "1" if precision == "int8" else "0",  # Q/DQ graphs need it on
-            "trt_engine_cache_enable": "1",
-            "trt_engine_cache_path": str(cache),
-            "trt_timing_cache_enable": "1",
-            "trt_timing_cache_path": str(cache),
-            "trt_max_workspace_size": str(int(workspace_mb) << 20),
-        }
-    if kind == "cuda":  # runs the graph in the precision it was exported with
-        return "CUDAExecutionProvider", {"device_id": str(device)}
-    raise TensorRTBuildError(f"provider {provider!r} is not 'tensorrt' or 'cuda'")

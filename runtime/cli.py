@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=None, help="seed for sampling")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime and torch")
     ap.add_argument("--providers", default=None,
-                    help="comma-separated ONNX Runtime providers, e.g. TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider")
+                    help="ONNX Runtime providers in order of preference: tensorrt,cuda,cpu (default cpu); "
+                         "for ONNX bundles, a TensorRT-engine bundle ignores it")
     ap.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
     ap.add_argument("--json", action="store_true", help="print one JSON object: answer and timings_ms")
     return ap

@@ -13,17 +13,35 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import Manifest
+from .manifest import MANIFEST, Manifest, sha256_file
 from .preprocess import PromptEncoder, load_image, pixel_values
-from .stages import OnnxStage
+from .stages import OnnxStage, session_providers
+
+
+def make_stage(manifest: Manifest, name: str, providers=None, threads: int | None = None):
+    """The stage runner the manifest asks for: TensorRT engine or ONNX Runtime session.
+    ``providers``: ORT provider names ("tensorrt", "cuda", "cpu"), for ONNX artifacts only."""
+    art = manifest.artifact(name)
+    if art.get("backend") == "tensorrt":
+        from .tensorrt_stage import TensorRTStage
+
+        return TensorRTStage(manifest, name)
+    if providers:
+        # ORT's TensorRT EP caches its engines per bundle, outside the bundle (which may be read-only)
+        cache = cache_home() / "ort-trt-cache" / sha256_file(manifest.root / MANIFEST)[:16]
+        providers = session_providers(providers, art.get("precision", "fp32"), cache)
+    return OnnxStage(manifest, name, providers, threads)
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("IB_EDGE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "ib-edge"))
 
 
 def default_bundle_dir() -> Path:
     """Where ``ib-export`` writes without ``--out`` and where ``ib-run`` looks without ``--bundle``."""
     if os.environ.get("IB_EDGE_BUNDLE"):
         return Path(os.environ["IB_EDGE_BUNDLE"])
-    home = os.environ.get("IB_EDGE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "ib-edge")
-    return Path(home) / "bundle"
+    return cache_home() / "bundle"
 
 
 @dataclasses.dataclass
@@ -38,8 +56,8 @@ class Pipeline:
         self.manifest = manifest
         tok = manifest.data["tokenizers"]
         self.prompts = PromptEncoder(manifest.path(tok["llm"]), manifest.path(tok["qformer"]), manifest.model)
-        self.vision = OnnxStage(manifest, "vision", providers, threads)
-        self.qformer = OnnxStage(manifest, "qformer", providers, threads)
+        self.vision = make_stage(manifest, "vision", providers, threads)
+        self.qformer = make_stage(manifest, "qformer", providers, threads)
         self._llm = None
         self._threads = threads
 

@@ -3,10 +3,51 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import BundleError
+from pathlib import Path
+
+from .errors import BundleError, IbEdgeError
 from .manifest import REBUILD, Manifest
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_WORKSPACE_MB = 1024
+
+
+class ProviderError(IbEdgeError):
+    pass
+
+
+def ort_provider_options(provider: str, precision: str, cache_dir, *, device: int = 0,
+                         workspace_mb: int = DEFAULT_WORKSPACE_MB) -> tuple[str, dict]:
+    """(provider name, options) for ``InferenceSession(providers=[...])``. Values are strings
+    ("1"/"0"), which every ORT version parses. The TensorRT EP caches the engines it builds in
+    ``cache_dir``; ORT checks those against the TensorRT version itself."""
+    if precision not in PRECISIONS:
+        raise ProviderError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    kind = provider.lower().replace("executionprovider", "")
+    if kind == "tensorrt":
+        cache = Path(cache_dir)
+        cache.mkdir(parents=True, exist_ok=True)
+        return "TensorrtExecutionProvider", {
+            "device_id": str(device),
+            "trt_fp16_enable": "1" if precision in ("fp16", "int8") else "0",
+            "trt_int8_enable": "1" if precision == "int8" else "0",  # Q/DQ graphs need it on
+            "trt_engine_cache_enable": "1",
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": "1",
+            "trt_timing_cache_path": str(cache),
+            "trt_max_workspace_size": str(int(workspace_mb) << 20),
+        }
+    if kind == "cuda":  # runs the graph in the precision it was exported with
+        return "CUDAExecutionProvider", {"device_id": str(device)}
+    if kind == "cpu":
+        return "CPUExecutionProvider", {}
+    raise ProviderError(f"provider {provider!r} is not 'tensorrt', 'cuda' or 'cpu'")
+
+
+def session_providers(names, precision: str, cache_dir) -> list:
+    """``--providers tensorrt,cuda,cpu`` -> ORT's providers list with options."""
+    return [ort_provider_options(n, precision, cache_dir) for n in names]
 
 
 class OnnxStage:
@@ -25,7 +66,8 @@ class OnnxStage:
         if threads:
             opts.intra_op_num_threads = threads
         providers = list(providers or DEFAULT_PROVIDERS)
-        missing = [p for p in providers if p not in ort.get_available_providers()]
+        missing = [p if isinstance(p, str) else p[0] for p in providers]
+        missing = [p for p in missing if p not in ort.get_available_providers()]
         if missing:
             raise BundleError(f"ONNX Runtime here lacks {', '.join(missing)} (available: "
                               f"{', '.join(ort.get_available_providers())})",

@@ -86,3 +86,67 @@ def test_runtime_does_not_import_export_quant_bench():
             "print(bad, heavy); assert not bad and not heavy")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_tensorrt_backend_records_engines_and_refuses_foreign_platform(reference_dir, tmp_path, monkeypatch):
+    """ib-export --backend tensorrt against a stand-in TensorRT module (the real one cannot be
+    installed here): one engine per graph, profiles from the manifest's dynamic axes, ONNX kept
+    for rebuilding, and a runtime on another platform refuses with the rebuild command."""
+    import types
+
+    import onnx
+
+    from ib_edge.export import tensorrt as trt_build
+    from ib_edge.runtime import BundleError, Pipeline
+
+    from .test_tensorrt import fake_tensorrt
+
+    trt = fake_tensorrt()
+
+    class Net:
+        def __init__(self):
+            self.ins = []
+
+        @property
+        def num_inputs(self):
+            return len(self.ins)
+
+        def get_input(self, i):
+            return self.ins[i]
+
+    class Parser:
+        def __init__(self, network, logger):
+            self.net, self.num_errors = network, 0
+
+        def parse_from_file(self, path):
+            g = onnx.load(path, load_external_data=False).graph
+            self.net.ins = [types.SimpleNamespace(name=i.name, shape=tuple(d.dim_value or -1 for d in
+                                                                            i.type.tensor_type.shape.dim))
+                            for i in g.input]
+            return True
+
+    class Builder(trt.Builder):
+        def create_network(self, flags):
+            return Net()
+
+    trt.Builder, trt.OnnxParser = Builder, Parser
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    ident = {"tensorrt": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7", "l4t": "R36.3.0"}
+    monkeypatch.setattr(trt_build, "platform_identity", lambda **kw: dict(ident))
+    out = bundle_mod.export_bundle(str(reference_dir("opt")), tmp_path / "trt", precision="int8", backend="tensorrt",
+                                   trt={"batch": (1, 1, 2), "text_len": (1, 16, 64), "workspace_mb": 512}, quiet=True)
+    m = json.loads((out / "manifest.json").read_text())
+    for stage in ("vision", "qformer"):
+        art = m["artifacts"][stage]
+        assert art["backend"] == "tensorrt" and art["file"] == f"{stage}.engine" and art["onnx"] == f"{stage}.onnx"
+        assert {f"{stage}.engine", f"{stage}.onnx"} <= set(art["files"])
+        assert art["engine"]["compute_capability"] == "8.7" and art["engine"]["precision"] == "int8"
+        assert art["engine"]["workspace_mb"] == 512
+    q = m["artifacts"]["qformer"]["engine"]["profiles"]["qformer_input_ids"]
+    assert q == {"min": [1, 1], "opt": [1, 16], "max": [2, 64]}
+    v = m["artifacts"]["vision"]["engine"]["profiles"]["pixel_values"]
+    assert v["max"] == [2, 3, 96, 96]
+    assert (trt_build_flags := [c[1] for c in trt.calls if c[0] == "set_flag"]) and "INT8" in trt_build_flags
+    with pytest.raises(BundleError) as err:  # this machine has no GPU: not the engine's platform
+        Pipeline.load(out)
+    assert "ib-export" in err.value.line() and "--backend tensorrt" in err.value.line()

@@ -21,7 +21,7 @@ import pytest
 from ib_edge.export import tensorrt as trt_export
 from ib_edge.export.tensorrt import (TensorRTBuildError, build_engine, ort_provider_options,
                                      profiles_from_manifest_inputs, validate_profiles)
-from ib_edge.runtime.errors import BundleError, InputError
+from ib_edge.runtime.errors import BundleError, IbEdgeError, InputError
 from ib_edge.runtime.manifest import MANIFEST, SCHEMA_VERSION, Manifest
 from ib_edge.runtime.tensorrt_stage import (TensorRTRuntimeError, TensorRTStage, engine_mismatches,
                                             parse_l4t_release, platform_identity, read_l4t_release)
@@ -137,9 +137,9 @@ def test_ort_provider_options_tensorrt(tmp_path):
 
 def test_ort_provider_options_cuda_and_errors(tmp_path):
     assert ort_provider_options("cuda", "fp32", tmp_path, device=1) == ("CUDAExecutionProvider", {"device_id": "1"})
-    with pytest.raises(TensorRTBuildError, match="'rocm'"):
+    with pytest.raises(IbEdgeError, match="'rocm'"):
         ort_provider_options("rocm", "fp16", tmp_path)
-    with pytest.raises(TensorRTBuildError, match="'int4'"):
+    with pytest.raises(IbEdgeError, match="'int4'"):
         ort_provider_options("tensorrt", "int4", tmp_path)
 
 
