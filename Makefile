@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: venv
 	mkdir -p $(OUT)
 	$(VENV)/bin/ib-export --out $(OUT)/bundle
-	$(PY) -m ib_edge.bench.proof_task --demo-image $(OUT)/demo.png --seed 7
+	$(PY) -m ib_edge.bench.demo $(OUT)/demo.png --seed 7
 	$(VENV)/bin/ib-run --bundle $(OUT)/bundle $(OUT)/demo.png "What color is the circle?"
 
 test: venv
