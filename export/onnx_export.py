@@ -7,7 +7,6 @@ then values, every failure collected into one typed error.
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 from pathlib import Path
 
@@ -159,13 +158,3 @@ def validate_graph(module, spec: GraphSpec, path: Path, rng: np.random.Generator
     if failures:
         raise ExportValidationError(spec.stage, failures)
     return ParityReport(spec.stage, worst_cos, worst_abs, ref_scale, cases)
-
-
-def sha256_file(path: os.PathLike, chunk: int = 1 << 22) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -17,6 +17,7 @@ import numpy as np
 from ib_edge.quant import budgets, fp16, int8
 from ib_edge.quant.calibration import CalibrationError, CalibrationSet
 from ib_edge.quant.drift import compare
+from ib_edge.runtime.manifest import sha256_file
 from ib_edge.runtime.preprocess import PromptEncoder, load_image, pixel_values
 
 STAGE_OUTPUT = {"vision": "image_embeds", "qformer": "query_embeds"}
@@ -68,7 +69,7 @@ def quantize_stages(precision: str, fp32: dict[str, Path], out_dir: Path, *, pre
             records[stage] = {"drift": drift.to_json(), "quantization": {"scheme": "fp16 weights and activations, "
                               "fp32 inputs/outputs", "kept_fp32_ops": list(fp16.KEEP_FP32_OPS)}}
             continue
-        graph_sha = _sha(fp32[stage])
+        graph_sha = sha256_file(fp32[stage])
         if recipes and stage in recipes:
             recipe = recipes[stage]
             if recipe.graph_sha256 not in (None, graph_sha):
@@ -107,9 +108,3 @@ def quantize_stages(precision: str, fp32: dict[str, Path], out_dir: Path, *, pre
     log(f"      chain query_embeds {precision}: {chain.line()}")
     budgets.check("query_embeds", precision, chain)
     return {"stages": records, "chain": chain.to_json(), "recipes": used}
-
-
-def _sha(path: Path) -> str:
-    from ib_edge.runtime.manifest import sha256_file
-
-    return sha256_file(path)
