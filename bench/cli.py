@@ -1,0 +1,135 @@
+"""ib-bench: latency, memory, drift and accuracy of ib-edge bundles, side by side, with baselines.
+
+    ib-bench [--bundle DIR ...] [--eval FILE.jsonl] [--report DIR] [--json FILE] [--runs N]
+             [--warmup N] [--n-eval N] [--max-new-tokens N] [--source CHECKPOINT] [--no-baselines]
+    ib-bench --scale real [--scale-layers N] [--scale-dir DIR] [--report DIR]
+
+The first fp32 bundle (by its manifest) is the drift reference. Without --eval a fresh
+proof-task set is generated (its seed is printed and recorded). The report (markdown) goes to
+stdout; --report DIR also writes report.md, report.json and PNG plots there.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .bench import BenchConfig
+
+    d = BenchConfig()
+    ap = argparse.ArgumentParser(prog="ib-bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", action="append", default=[], metavar="DIR",
+                    help="bundle to measure; repeat for several (default: where ib-export writes)")
+    ap.add_argument("--eval", dest="eval_file", metavar="FILE.jsonl",
+                    help='eval set: {"image","question","answer"[,"type"]} per line (default: a fresh proof-task set)')
+    ap.add_argument("--n-eval", type=int, default=None,
+                    help="eval examples (default: all rows of --eval, or 50 generated; 4 with --scale real)")
+    ap.add_argument("--eval-seed", type=int, default=None, help="seed of the generated set (default: random, printed)")
+    ap.add_argument("--report", metavar="DIR", help="write report.md, report.json and PNG plots here")
+    ap.add_argument("--json", metavar="FILE", help="write the result JSON here (also in --report DIR)")
+    ap.add_argument("--runs", type=int, default=d.runs, help=f"timed runs per system (default {d.runs})")
+    ap.add_argument("--warmup", type=int, default=d.warmup, help=f"untimed warm-up runs (default {d.warmup})")
+    ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    ap.add_argument("--source", default=None, metavar="CHECKPOINT",
+                    help="checkpoint for the transformers baselines (default: the reference bundle's manifest source)")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the transformers baselines")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime and torch")
+    ap.add_argument("--providers", default=None, help="ONNX Runtime providers, e.g. cuda,cpu (default cpu)")
+    ap.add_argument("--bandwidth-mb", type=int, default=d.bandwidth_mb, help="array size of the bandwidth copy")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--scale", choices=["real"], default=None,
+                    help="real: random-weight models at InstructBLIP's real shapes instead of --bundle "
+                         "(~15 GB RAM and many minutes at full depth)")
+    ap.add_argument("--scale-layers", type=int, default=None, metavar="N",
+                    help="with --scale real: at most N layers in vision, Q-Former and LLM (smoke tests)")
+    ap.add_argument("--scale-dir", default=None, metavar="DIR",
+                    help="with --scale real: keep (and reuse) the checkpoint and bundles here (default: a temp dir)")
+    ap.add_argument("--scale-calib", type=int, default=8, metavar="N",
+                    help="with --scale real: calibration images for the int8 export (default 8)")
+    return ap
+
+
+def _config(args, **over):
+    from .bench import BenchConfig
+
+    return BenchConfig(
+        bundles=tuple(args.bundle), eval_file=args.eval_file, n_eval=args.n_eval, eval_seed=args.eval_seed,
+        runs=args.runs, warmup=args.warmup, max_new_tokens=args.max_new_tokens, baselines=not args.no_baselines,
+        source=args.source, threads=args.threads,
+        providers=tuple(p.strip() for p in args.providers.split(",")) if args.providers else None,
+        bandwidth_mb=args.bandwidth_mb, progress=False if args.no_progress else None, **over)
+
+
+def run(args, log) -> dict:
+    from .bench import BenchError, run_bench
+
+    if args.scale is None:
+        for flag in ("scale_layers", "scale_dir"):
+            if getattr(args, flag) is not None:
+                raise BenchError(f"--{flag.replace('_', '-')} needs --scale real")
+        return run_bench(_config(args), log)
+    from . import scale
+
+    if args.bundle or args.source:
+        raise BenchError("--scale real builds its own models; it takes no --bundle or --source")
+    if args.scale_layers is not None and args.scale_layers < 1:
+        raise BenchError("--scale-layers must be at least 1")
+    spec = scale.ScaleSpec.with_layers(args.scale_layers)
+    if spec.is_full:
+        log("ib-bench: full real-shape run: needs ~15 GB RAM and many minutes (use --scale-layers N to try it small)")
+    with tempfile.TemporaryDirectory(prefix="ib-bench-scale-") as tmp:
+        work = Path(args.scale_dir) if args.scale_dir else Path(tmp)
+        ckpt, bundles, notes = scale.prepare(spec, work, calib_images=args.scale_calib, log=log)
+        cfg = _config(args, accuracy_applicable=False)
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, bundles=tuple(str(b) for b in bundles), source=str(ckpt),
+                                  n_eval=args.n_eval if args.n_eval is not None else 4)
+        result = run_bench(cfg, log)
+    result["mode"] = "scale-real"
+    result["scale"] = {**scale.describe(spec), "notes": notes, "work_dir": str(work) if args.scale_dir else None}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from ib_edge.runtime.errors import IbEdgeError
+
+    from . import report
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    try:
+        result = run(args, log)
+        result["command"] = "ib-bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        if args.json:
+            report.write_json(result, Path(args.json))
+        if args.report:
+            paths = report.write_report(result, args.report)
+            log(f"ib-bench: wrote {paths['md']}, {paths['json']} and {len(paths['plots'])} plots")
+        print(report.render_markdown(result))
+        return 0
+    except IbEdgeError as e:
+        print(f"ib-bench: error: {e.line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ib-bench: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("IB_EDGE_DEBUG"):
+            raise
+        print(f"ib-bench: internal error: {type(e).__name__}: {e} (set IB_EDGE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 4
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
