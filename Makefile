@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 OUT ?= out
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test bench clean
 
 venv: $(VENV)/.installed
 
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[test]"
+	$(PIP) -e ".[test,bench]"
 	touch $@
 
 # The main job on the embedded default model (proof-llama): export a bundle, then ask it
@@ -24,6 +24,13 @@ demo: venv
 	$(VENV)/bin/ib-export --out $(OUT)/bundle
 	$(PY) -m ib_edge.bench.demo $(OUT)/demo.png --seed 7
 	$(VENV)/bin/ib-run --bundle $(OUT)/bundle $(OUT)/demo.png "What color is the circle?"
+
+# Side-by-side report of fp32 / fp16 / int8 bundles of the proof model (see README).
+bench: venv
+	mkdir -p $(OUT)
+	for p in fp32 fp16 int8; do $(VENV)/bin/ib-export proof-llama --precision $$p --out $(OUT)/proof-llama-$$p --quiet; done
+	$(VENV)/bin/ib-bench --bundle $(OUT)/proof-llama-fp32 --bundle $(OUT)/proof-llama-fp16 \
+		--bundle $(OUT)/proof-llama-int8 --n-eval 200 --runs 20 --report $(OUT)/bench
 
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -34,7 +34,7 @@ def resolve(ref: str | None) -> tuple[str, str]:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a transformers checkpoint (no config.json)")
-        return str(path), "local"
+        return str(path.resolve()), "local"
     if "/" in ref and not ref.startswith((".", "/", "~")):
         return ref, "hub"
     raise ModelLoadError(f"unknown model {ref!r}",
@@ -68,7 +68,7 @@ def load_checkpoint(ref: str | None, revision: str | None = None):
             f"{model.config.num_query_tokens}: this checkpoint predates the <image>-token processor")
     config_json = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
     source = {
-        "model": ref or DEFAULT_MODEL,
+        "model": src if kind == "local" else (ref or DEFAULT_MODEL),  # local: absolute, resolvable later
         "kind": kind,
         "revision": revision or getattr(model.config, "_commit_hash", None) or ("main" if kind == "hub" else "local"),
         "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
