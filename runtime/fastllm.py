@@ -1,0 +1,532 @@
+"""A fast decoder-only LLM for CPU: our own Llama forward, static KV cache, int4 or fp32 linears.
+
+gpt-fast style. Weights come from a directory holding transformers' ``config.json`` and
+safetensors: either plain float weights (``model.layers.0.self_attn.q_proj.weight``...) or the
+ib-edge int4 format written by ``ib_edge.quant.int4`` (per quantized linear ``{name}.qweight``
+uint8 [N, K/2] two nibbles per byte, low nibble = even k; ``{name}.scales`` [N, K/G];
+``{name}.qzeros`` uint8 [N, K/G]; w = (q - qzeros) * scales; the group size is in the
+safetensors metadata). That portable layout is converted at load time into torch's CPU int4
+kernel layout (``_convert_weight_to_int4pack_for_cpu``; the packed form depends on the kernel,
+so it is never stored).
+
+The int4 kernel (``aten._weight_int4pack_mm_for_cpu``) computes x @ dequant(W).T with
+dequant = (q - 8) * s + z in bf16 (its fp32 path is a slow scalar fallback, measured 30-40x
+slower); so Int4Linear casts activations to bf16 and back. Everything else runs in fp32.
+
+    python -m ib_edge.runtime.fastllm --bench     # TinyLlama-shaped decode speed, int4 vs transformers
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import BundleError, InputError
+
+INT4_FORMAT = "ib-edge-int4"
+INT4_FORMAT_VERSION = "1"
+KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+_N_ALIGN = 16  # the CPU kernel needs N divisible by 16: rows are padded, outputs sliced
+
+
+# --- the portable int4 storage format (shared with ib_edge.quant.int4) ---------------------
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 [N, K] -> uint8 [N, K/2], low nibble = even k."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> uint8 values 0..15 [N, K]."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T (+ b) with W in group-wise asymmetric int4 on torch's CPU int4 kernel."""
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int,
+                 in_features: int, group_size: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+
+    @classmethod
+    def from_int4(cls, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, group_size: int,
+                  bias: torch.Tensor | None = None) -> "Int4Linear":
+        """qweight uint8 [N, K/2] (portable nibbles), scales [N, K/G], qzeros [N, K/G] integer zero points."""
+        n, k = qweight.shape[0], qweight.shape[1] * 2
+        if group_size not in KERNEL_GROUP_SIZES or k % group_size:
+            raise BundleError(f"int4 group size {group_size} with in_features {k} is not supported by the CPU "
+                              f"kernel (group size one of {KERNEL_GROUP_SIZES}, dividing in_features)")
+        if scales.shape != (n, k // group_size) or qzeros.shape != scales.shape:
+            raise BundleError(f"int4 scales/zeros shapes {tuple(scales.shape)}/{tuple(qzeros.shape)} do not "
+                              f"match weight [{n}, {k}] with group size {group_size}")
+        q = unpack_nibbles(qweight).to(torch.int32)
+        s = scales.float()
+        z = (8.0 - qzeros.float()) * s          # (q - zp) * s == (q - 8) * s + (8 - zp) * s
+        pad = -n % _N_ALIGN
+        if pad:
+            q = torch.cat([q, torch.full((pad, k), 8, dtype=torch.int32)])
+            s = torch.cat([s, torch.zeros(pad, s.shape[1])])
+            z = torch.cat([z, torch.zeros(pad, z.shape[1])])
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
+        sz = torch.stack([s.t(), z.t()], dim=-1).contiguous().to(torch.bfloat16)  # [K/G, N, 2]
+        return cls(packed, sz, n, k, group_size, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16),
+                                                       self.packed, self.group_size, self.scales_and_zeros)
+        if y.shape[-1] != self.out_features:
+            y = y[:, :self.out_features]
+        y = y.to(x.dtype).reshape(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def weight_bytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + \
+            self.scales_and_zeros.numel() * self.scales_and_zeros.element_size()
+
+
+def dense(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    lin.weight = nn.Parameter(weight.float(), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.float(), requires_grad=False)
+    return lin
+
+
+def linear_bytes(m: nn.Module) -> int:
+    if isinstance(m, Int4Linear):
+        return m.weight_bytes()
+    return m.weight.numel() * m.weight.element_size()
+
+
+# --- the model ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LlamaArgs:
+    vocab_size: int
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    head_dim: int = 0                 # 0: hidden_size // n_heads
+    rms_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_positions: int = 2048
+    tie_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.hidden_size // self.n_heads
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "LlamaArgs":
+        if cfg.get("model_type") != "llama":
+            raise BundleError(f"the fast LLM runtime supports llama, not {cfg.get('model_type')!r}",
+                              hint="export with the transformers LLM backend")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise BundleError(f"rope type {rope.get('rope_type')!r} is not supported by the fast LLM runtime",
+                              hint="export with the transformers LLM backend")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise BundleError(f"activation {cfg['hidden_act']!r} is not supported by the fast LLM runtime")
+        return cls(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+                   n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                   n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                   intermediate_size=cfg["intermediate_size"], head_dim=cfg.get("head_dim") or 0,
+                   rms_eps=cfg.get("rms_norm_eps", 1e-6),
+                   rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+                   max_positions=cfg.get("max_position_embeddings", 2048),
+                   tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                   attention_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)))
+
+
+PRESETS = {"tinyllama-1.1b": LlamaArgs(vocab_size=32000, hidden_size=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                                       intermediate_size=5632, max_positions=2048)}
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+class Block(nn.Module):
+    def __init__(self, a: LlamaArgs, wqkv: nn.Module, wo: nn.Module, w13: nn.Module, w2: nn.Module,
+                 attn_norm: torch.Tensor, ffn_norm: torch.Tensor):
+        super().__init__()
+        self.a, self.wqkv, self.wo, self.w13, self.w2 = a, wqkv, wo, w13, w2
+        self.register_buffer("attn_norm", attn_norm.float())
+        self.register_buffer("ffn_norm", ffn_norm.float())
+        self.q_size, self.kv_size = a.n_heads * a.hd, a.n_kv_heads * a.hd
+
+    def forward(self, x, cos, sin, start: int, k_cache, v_cache):
+        a = self.a
+        b, t, _ = x.shape
+        qkv = self.wqkv(rms_norm(x, self.attn_norm, a.rms_eps))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = _rope(q.view(b, t, a.n_heads, a.hd).transpose(1, 2), cos, sin)
+        k = _rope(k.view(b, t, a.n_kv_heads, a.hd).transpose(1, 2), cos, sin)
+        k_cache[:, :, start:start + t] = k
+        v_cache[:, :, start:start + t] = v.view(b, t, a.n_kv_heads, a.hd).transpose(1, 2)
+        keys, values = k_cache[:, :, :start + t], v_cache[:, :, :start + t]
+        if t == 1:
+            mask, causal = None, False
+        elif start == 0:
+            mask, causal = None, True
+        else:  # a chunk after a prefix: causal within the chunk, everything before visible
+            mask = torch.ones(t, start + t, dtype=torch.bool).tril(start)
+            causal = False
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=a.n_kv_heads != a.n_heads)
+        x = x + self.wo(o.transpose(1, 2).reshape(b, t, self.q_size))
+        gate, up = self.w13(rms_norm(x, self.ffn_norm, a.rms_eps)).chunk(2, dim=-1)
+        return x + self.w2(F.silu(gate) * up)
+
+
+def _rope(x, cos, sin):  # transformers' rotate_half convention
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rot * sin
+
+
+class FastLlama(nn.Module):
+    """forward(inputs_embeds [B, T, D], start) -> logits of the last position [B, V], filling the
+    static KV cache at positions start..start+T-1."""
+
+    def __init__(self, a: LlamaArgs, embed: torch.Tensor, blocks: list[Block], norm: torch.Tensor, lm_head: nn.Module):
+        super().__init__()
+        self.a = a
+        self.embed = nn.Embedding.from_pretrained(embed.float(), freeze=True)
+        self.layers = nn.ModuleList(blocks)
+        self.register_buffer("norm", norm.float())
+        self.lm_head = lm_head
+        inv = 1.0 / (a.rope_theta ** (torch.arange(0, a.hd, 2, dtype=torch.int64).float() / a.hd))
+        freqs = torch.outer(torch.arange(a.max_positions, dtype=torch.float32), inv)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos, self.sin = emb.cos(), emb.sin()
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        self.max_len = 0
+
+    def setup_cache(self, max_len: int, batch: int = 1) -> None:
+        a = self.a
+        if max_len > a.max_positions:
+            raise InputError(f"prompt + new tokens ({max_len}) exceed the LLM's {a.max_positions} positions")
+        if self.k_cache and self.max_len >= max_len and self.k_cache[0].shape[0] == batch:
+            return
+        shape = (batch, a.n_kv_heads, max_len, a.hd)
+        self.k_cache = [torch.zeros(shape) for _ in range(a.n_layers)]
+        self.v_cache = [torch.zeros(shape) for _ in range(a.n_layers)]
+        self.max_len = max_len
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        t = x.shape[1]
+        if start + t > self.max_len:
+            raise InputError(f"position {start + t} is past the KV cache ({self.max_len}); call setup_cache")
+        cos, sin = self.cos[start:start + t], self.sin[start:start + t]
+        for layer, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
+            x = layer(x, cos, sin, start, kc, vc)
+        return self.lm_head(rms_norm(x[:, -1], self.norm, self.a.rms_eps))
+
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights every decode step reads (linears, norms, one embedding row)."""
+        lin = sum(linear_bytes(m) for m in self.modules() if isinstance(m, (nn.Linear, Int4Linear)))
+        norms = (2 * len(self.layers) + 1) * self.a.hidden_size * 4
+        return lin + norms + self.a.hidden_size * 4
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Greedy when temperature == 0 and top_p == 1; otherwise transformers' temperature then
+    top-p (nucleus) warping, then one multinomial draw. logits: [V] (batch 1)."""
+    if temperature <= 0 and top_p >= 1.0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / (temperature if temperature > 0 else 1.0)
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits)
+        remove = sorted_logits.softmax(-1).cumsum(-1) <= (1 - top_p)
+        remove[-1] = False
+        logits = logits.masked_fill(remove.scatter(0, idx, remove), float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model: FastLlama, inputs_embeds: torch.Tensor, *, max_new_tokens: int, eos_ids=(),
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, on_token=None) -> list[int]:
+    """Prefill on inputs_embeds [1, T, D], then decode one token per forward call; stops after
+    an EOS id (included, as transformers does) or max_new_tokens."""
+    if inputs_embeds.shape[0] != 1:
+        raise InputError("the fast LLM runtime generates for batch size 1")
+    t = inputs_embeds.shape[1]
+    model.setup_cache(t + max_new_tokens)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator().manual_seed(seed)
+    eos = set(eos_ids)
+    logits = model(inputs_embeds.float(), 0)[0]
+    out: list[int] = []
+    pos = t
+    while True:
+        tok = sample(logits, temperature, top_p, gen)
+        out.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if tok in eos or len(out) >= max_new_tokens:
+            return out
+        logits = model(model.embed.weight[tok].view(1, 1, -1), pos)[0]
+        pos += 1
+
+
+# --- loading ----------------------------------------------------------------------------------
+_LAYER = "model.layers.{}."
+
+
+def build(a: LlamaArgs, tensors: dict[str, torch.Tensor], group_size: int | None) -> FastLlama:
+    """Assemble a FastLlama from transformers-named tensors; a linear whose ``.qweight`` is
+    present becomes Int4Linear, otherwise fp32 nn.Linear. q/k/v and gate/up are fused."""
+    def get(name):
+        try:
+            return tensors.pop(name)
+        except KeyError:
+            raise BundleError(f"LLM weights lack {name}") from None
+
+    def lin(*names, bias=False):
+        b = [get(n + ".bias") for n in names] if bias else None
+        b = torch.cat(b) if b else None
+        if names[0] + ".qweight" in tensors:
+            if group_size is None:
+                raise BundleError("int4 tensors found but the safetensors metadata gives no group_size")
+            parts = [(get(n + ".qweight"), get(n + ".scales"), get(n + ".qzeros")) for n in names]
+            return Int4Linear.from_int4(*(torch.cat(p) for p in zip(*parts)), group_size, b)
+        return dense(torch.cat([get(n + ".weight") for n in names]), b)
+
+    blocks = []
+    for i in range(a.n_layers):
+        p = _LAYER.format(i)
+        att, mlp = p + "self_attn.", p + "mlp."
+        blocks.append(Block(a, lin(att + "q_proj", att + "k_proj", att + "v_proj", bias=a.attention_bias),
+                            lin(att + "o_proj", bias=a.attention_bias),
+                            lin(mlp + "gate_proj", mlp + "up_proj", bias=a.mlp_bias),
+                            lin(mlp + "down_proj", bias=a.mlp_bias),
+                            get(p + "input_layernorm.weight"), get(p + "post_attention_layernorm.weight")))
+    embed = get("model.embed_tokens.weight")
+    if "lm_head.weight" in tensors or "lm_head.qweight" in tensors:
+        head = lin("lm_head")
+    elif a.tie_embeddings:
+        head = dense(embed)
+    else:
+        raise BundleError("LLM weights lack lm_head.weight")
+    return FastLlama(a, embed, blocks, get("model.norm.weight"), head).eval()
+
+
+def load(model_dir: str | Path) -> FastLlama:
+    """A FastLlama from ``config.json`` + ``*.safetensors`` (float weights or ib-edge int4)."""
+    from safetensors import safe_open
+
+    d = Path(model_dir)
+    try:
+        cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BundleError(f"cannot read the LLM's config.json: {e}") from None
+    a = LlamaArgs.from_config(cfg)
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise BundleError(f"no safetensors in {d}")
+    tensors, group_size = {}, None
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            meta = sf.metadata() or {}
+            if meta.get("format") == INT4_FORMAT:
+                if meta.get("format_version") != INT4_FORMAT_VERSION:
+                    raise BundleError(f"{f.name}: int4 format version {meta.get('format_version')!r}, this runtime "
+                                      f"reads {INT4_FORMAT_VERSION}", hint="re-export the bundle")
+                group_size = int(meta["group_size"])
+            for k in sf.keys():
+                tensors[k.removeprefix("language_model.")] = sf.get_tensor(k)
+    return build(a, tensors, group_size)
+
+
+# --- the runtime's LLM stage ------------------------------------------------------------------
+class FastLLM:
+    """Drop-in for runtime.llm.TransformersLLM on bundles whose LLM artifact has backend "fastllm"."""
+
+    def __init__(self, manifest, threads: int | None = None):
+        art = manifest.artifact("llm")
+        if art.get("backend") != "fastllm" or art.get("format") not in (INT4_FORMAT, "safetensors"):
+            raise BundleError(f"LLM artifact {art.get('backend')}/{art.get('format')} is not for the fast runtime")
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = load(manifest.path(art["dir"]))
+        self.image_token_id = int(manifest.model["image_token_id"])
+        eos = manifest.model.get("eos_token_id")
+        self.eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        self.is_encoder_decoder = False
+        self.timings: dict[str, float] = {}
+
+    def embeds(self, query_embeds, input_ids) -> torch.Tensor:
+        """The prompt's token embeddings with its <image> positions replaced by query_embeds."""
+        ids = torch.from_numpy(input_ids)
+        emb = self.model.embed(ids)
+        mask = (ids == self.image_token_id).unsqueeze(-1)
+        if int(mask.sum()) != query_embeds.shape[0] * query_embeds.shape[1] * 1:
+            raise BundleError("prompt's image-token count does not match the Q-Former's query count")
+        return emb.masked_scatter(mask, torch.from_numpy(query_embeds).float())
+
+    def generate(self, query_embeds, input_ids, attention_mask, *, decode, max_new_tokens: int = 32,
+                 num_beams: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 on_text=None) -> list[int]:
+        from .llm import _Streamer
+
+        if max_new_tokens < 1:
+            raise InputError("max_new_tokens must be at least 1")
+        if num_beams != 1:
+            raise InputError("the fast int4 LLM runtime does not do beam search; use --num-beams 1")
+        if not bool((attention_mask == 1).all()):
+            raise InputError("the fast LLM runtime takes unpadded prompts (attention_mask all ones)")
+        streamer = _Streamer(decode, on_text)
+        streamer.put(input_ids)  # skipped: the prompt
+        first = []
+        t0 = time.perf_counter()
+
+        def on_token(tok):
+            if not first:
+                first.append(time.perf_counter())
+            streamer.put(torch.tensor([tok]))
+
+        with torch.no_grad():
+            ids = generate(self.model, self.embeds(query_embeds, input_ids), max_new_tokens=max_new_tokens,
+                           eos_ids=self.eos_ids, temperature=temperature, top_p=top_p, seed=seed, on_token=on_token)
+        t1 = time.perf_counter()
+        streamer.end()
+        self.timings = {"prefill": (first[0] - t0) * 1e3, "decode": (t1 - first[0]) * 1e3,
+                        "new_tokens": float(len(ids))}
+        return ids
+
+
+# --- benchmark ----------------------------------------------------------------------------------
+def random_int4_model(a: LlamaArgs, group_size: int = 64, seed: int = 0) -> FastLlama:
+    """Random weights straight in int4 (uniform nibbles, small scales), for speed measurements."""
+    g = torch.Generator().manual_seed(seed)
+    t: dict[str, torch.Tensor] = {}
+
+    def q4(name, n, k):
+        t[name + ".qweight"] = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+        t[name + ".scales"] = torch.full((n, k // group_size), 0.02 / 8)
+        t[name + ".qzeros"] = torch.full((n, k // group_size), 8, dtype=torch.uint8)
+
+    d, hd = a.hidden_size, a.hd
+    for i in range(a.n_layers):
+        p = _LAYER.format(i)
+        for nm, n, k in (("self_attn.q_proj", a.n_heads * hd, d), ("self_attn.k_proj", a.n_kv_heads * hd, d),
+                         ("self_attn.v_proj", a.n_kv_heads * hd, d), ("self_attn.o_proj", d, a.n_heads * hd),
+                         ("mlp.gate_proj", a.intermediate_size, d), ("mlp.up_proj", a.intermediate_size, d),
+                         ("mlp.down_proj", d, a.intermediate_size)):
+            q4(p + nm, n, k)
+        t[p + "input_layernorm.weight"] = torch.ones(d)
+        t[p + "post_attention_layernorm.weight"] = torch.ones(d)
+    t["model.embed_tokens.weight"] = torch.randn(a.vocab_size, d, generator=g) * 0.02
+    t["model.norm.weight"] = torch.ones(d)
+    q4("lm_head", a.vocab_size, d)
+    return build(a, t, group_size)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Memory bandwidth in bytes/s from a large numpy copy (bytes read + written per second, best of n)."""
+    import numpy as np
+
+    src = np.ones(nbytes // 8)
+    dst = np.empty_like(src)
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.nbytes / best
+
+
+def _decode_rate(step, n: int) -> float:
+    step()
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    return n / (time.perf_counter() - t)
+
+
+def bench(preset: str = "tinyllama-1.1b", group_size: int = 64, prompt_len: int = 40, new_tokens: int = 32,
+          hf_tokens: int = 8, threads: int | None = None) -> dict:
+    import resource
+
+    if threads:
+        torch.set_num_threads(threads)
+    a = PRESETS[preset]
+    bw = copy_bandwidth()
+    t0 = time.perf_counter()
+    model = random_int4_model(a, group_size)
+    build_s = time.perf_counter() - t0
+    emb = torch.randn(1, prompt_len, a.hidden_size) * 0.02
+    t0 = time.perf_counter()
+    ids = generate(model, emb, max_new_tokens=1)
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ids = generate(model, emb, max_new_tokens=new_tokens)
+    total = time.perf_counter() - t0
+    int4_tps = (len(ids) - 1) / (total - prefill_s)
+    per_tok = model.weight_bytes_per_token()
+    rss_int4 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    del model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
+                      num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
+                      max_position_embeddings=a.max_positions, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        hf.generate(inputs_embeds=emb, max_new_tokens=1, do_sample=False, min_new_tokens=1)
+        hf_prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = hf.generate(inputs_embeds=emb, max_new_tokens=hf_tokens, min_new_tokens=hf_tokens, do_sample=False)
+        hf_total = time.perf_counter() - t0
+    hf_tps = (out.shape[1] - 1) / (hf_total - hf_prefill)
+    achieved = per_tok * int4_tps
+    return {"preset": preset, "threads": torch.get_num_threads(), "group_size": group_size,
+            "int4_build_s": round(build_s, 1), "int4_prefill_ms": round(prefill_s * 1e3, 1),
+            "int4_decode_tok_s": round(int4_tps, 2), "transformers_fp32_decode_tok_s": round(hf_tps, 2),
+            "speedup": round(int4_tps / hf_tps, 2), "int4_weight_MB_per_token": round(per_tok / 1e6, 1),
+            "achieved_GB_s": round(achieved / 1e9, 2), "copy_bandwidth_GB_s": round(bw / 1e9, 2),
+            "pct_of_bandwidth_bound": round(100 * achieved / bw, 1), "peak_rss_int4_MB": round(rss_int4),
+            "peak_rss_total_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Decode speed of the int4 fast path vs transformers fp32.")
+    ap.add_argument("--bench", action="store_true", help="run the TinyLlama-shaped benchmark")
+    ap.add_argument("--preset", default="tinyllama-1.1b", choices=sorted(PRESETS))
+    ap.add_argument("--group-size", type=int, default=64, choices=KERNEL_GROUP_SIZES)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--hf-tokens", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if not args.bench:
+        ap.error("nothing to do (use --bench)")
+    res = bench(args.preset, args.group_size, new_tokens=args.new_tokens, hf_tokens=args.hf_tokens,
+                threads=args.threads)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
