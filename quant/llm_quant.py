@@ -1,0 +1,181 @@
+"""GPTQ / AWQ 4-bit quantization of the bundle's LLM through gptqmodel 7.6.0, calibrated on what
+the LLM really sees: the projected query embeddings (from the bundle's own ONNX vision and
+Q-Former stages) in the prompt's <image> slots, followed by the instruction's token embeddings.
+
+gptqmodel only takes token ids, so the adapter is one hook: calibration examples carry the
+prompt's ids (image slots hold the <image> id), and the model's ``run_input_capture`` (the
+forward that captures layer-0 inputs) is replaced by one that builds inputs_embeds with the
+query embeddings scattered in, exactly as ``runtime.llm`` does at inference. Text-only
+calibration (the instructions alone) is the baseline.
+
+Output: a standard HF GPTQ / AWQ checkpoint directory (transformers + gptqmodel load it), and
+``convert_quantized_checkpoint`` (quant/int4.py) turns it into the fast runtime's int4 format.
+
+gptqmodel is imported lazily: it sets process environment variables on import. On a 2-core
+machine it needs GPTQMODEL_CPU_WORKERS=2 (set here when absent).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from ib_edge.runtime.errors import IbEdgeError
+
+METHODS = ("gptq", "awq")
+GPTQMODEL_VERSION = "7.6.0"
+
+
+class LlmQuantError(IbEdgeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    input_ids: np.ndarray                   # [T] int64, <image> slots included
+    query_embeds: np.ndarray | None         # [Q, D] float32; None: text-only
+
+
+def multimodal_examples(bundle_dir, calib, *, instructions_per_image: int = 2, max_images: int | None = None):
+    """(examples, record): the calibration split of ``calib`` (a CalibrationSet) through the
+    bundle's vision + Q-Former, each image paired with ``instructions_per_image`` instructions."""
+    from ib_edge.runtime import Pipeline
+
+    pipe = Pipeline.load(bundle_dir)
+    images, _ = calib.split()
+    images = images[:max_images] if max_images else images
+    out = []
+    for i, img in enumerate(images):
+        emb = pipe.image_embeds(pipe.pixel_values([img]))
+        for j in range(instructions_per_image):
+            enc = pipe.prompts.encode(calib.instructions[(i * instructions_per_image + j) % len(calib.instructions)])
+            q = pipe.query_embeds(emb, enc["qformer_input_ids"], enc["qformer_attention_mask"])
+            out.append(Example(enc["input_ids"][0].astype(np.int64), q[0].astype(np.float32)))
+    return out, {"source": "multimodal", "calibration_sha256": calib.sha256, "images": len(images),
+                 "examples": len(out)}
+
+
+def text_examples(bundle_dir, calib):
+    """Baseline: the instructions alone (no image slots)."""
+    from ib_edge.runtime import Pipeline
+
+    pipe = Pipeline.load(bundle_dir)
+    nq = int(pipe.manifest.model["num_query_tokens"])
+    out = [Example(pipe.prompts.encode(t)["input_ids"][0, nq:].astype(np.int64), None) for t in calib.instructions]
+    return out, {"source": "text-only", "calibration_sha256": calib.sha256, "examples": len(out)}
+
+
+def _examples_hash(examples) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(e.input_ids.tobytes())
+        if e.query_embeds is not None:
+            h.update(e.query_embeds.tobytes())
+    return h.hexdigest()
+
+
+def _install_embeds_hook(gmodel, examples, image_token_id: int) -> dict:
+    """Replace gptqmodel's layer-0 input capture forward with one that feeds inputs_embeds."""
+    import torch
+
+    queues: dict[tuple, list] = defaultdict(list)
+    for e in examples:
+        queues[tuple(e.input_ids.tolist())].append(e.query_embeds)
+    seen: dict[tuple, int] = defaultdict(int)
+    model = gmodel.model
+
+    def run_input_capture(example, use_cache, data_device):
+        ids = example["input_ids"]
+        if ids.shape[0] != 1:
+            raise LlmQuantError("multimodal calibration runs with batch_size 1")
+        key = tuple(ids[0].tolist())
+        if key not in queues:
+            raise LlmQuantError("gptqmodel passed a calibration example this adapter did not make")
+        q = queues[key][seen[key] % len(queues[key])]
+        seen[key] += 1
+        seen["calls"] += 1
+        emb = model.get_input_embeddings()(ids)
+        if q is not None:
+            mask = (ids == image_token_id).unsqueeze(-1)
+            emb = emb.masked_scatter(mask, torch.from_numpy(q).to(emb.dtype))
+        return model(inputs_embeds=emb, attention_mask=example.get("attention_mask"), use_cache=use_cache)
+
+    gmodel.run_input_capture = run_input_capture
+    return seen
+
+
+def quantize_llm(llm_dir, out_dir, examples, *, method: str = "gptq", bits: int = 4, group_size: int = 64,
+                 image_token_id: int, tokenizer_dir=None, sym: bool = False,
+                 calib_record: dict | None = None) -> dict:
+    """Quantize the transformers LLM in ``llm_dir`` with gptqmodel and save a standard HF
+    checkpoint to ``out_dir``. gptqmodel loads a tokenizer beside the weights: a bundle keeps it
+    in processor/, passed as ``tokenizer_dir`` (its files are linked in beside the LLM's). Returns the manifest record (method, bits, group size,
+    calibration hash, tool version)."""
+    import importlib.metadata as md
+
+    if method not in METHODS:
+        raise LlmQuantError(f"method {method!r} is not supported (choose {', '.join(METHODS)})")
+    try:
+        version = md.version("gptqmodel")
+    except md.PackageNotFoundError:
+        raise LlmQuantError("gptqmodel is not installed",
+                            hint=f'pip install -c constraints.txt "gptqmodel=={GPTQMODEL_VERSION}"') from None
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
+    import torch
+    from gptqmodel import BACKEND, GPTQModel
+    from gptqmodel import QuantizeConfig
+
+    kw = dict(bits=bits, group_size=group_size, sym=sym, desc_act=False)
+    if method == "awq":
+        from gptqmodel.quantization import FORMAT, METHOD
+
+        qcfg = QuantizeConfig(**kw, quant_method=METHOD.AWQ, format=FORMAT.GEMM)
+        backend = BACKEND.AWQ_TORCH   # the default asks for CUDA ("AWQ: CUDA is not available")
+    else:
+        qcfg = QuantizeConfig(**kw)
+        backend = BACKEND.AUTO
+    torch.manual_seed(0)
+    data = [{"input_ids": torch.from_numpy(e.input_ids).unsqueeze(0),
+             "attention_mask": torch.ones(1, len(e.input_ids), dtype=torch.long)} for e in examples]
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory() as work:   # gptqmodel reads the weights lazily: keep it alive
+        src = Path(llm_dir)
+        if tokenizer_dir is not None:
+            for d in (Path(tokenizer_dir), src):
+                for f in d.iterdir():
+                    if f.is_file():
+                        (Path(work) / f.name).unlink(missing_ok=True)
+                        (Path(work) / f.name).symlink_to(f.resolve())
+            src = Path(work)
+        gm = GPTQModel.load(str(src), qcfg, device="cpu")
+        seen = _install_embeds_hook(gm, examples, image_token_id)
+        gm.quantize(data, batch_size=1, backend=backend, calibration_data_min_length=1)
+        if seen["calls"] < len(examples):  # a gptqmodel that bypasses the hook would calibrate on ids only
+            raise LlmQuantError(f"gptqmodel captured {seen['calls']} of {len(examples)} calibration inputs "
+                                "through the inputs_embeds hook", hint=f"use gptqmodel {GPTQMODEL_VERSION}")
+        gm.save(str(out))
+    _fix_format_field(out)
+    return {"method": method, "bits": bits, "group_size": group_size, "sym": sym, "desc_act": False,
+            "tool": f"gptqmodel {version}", "examples_sha256": _examples_hash(examples),
+            "calibration": calib_record or {}}
+
+
+def _fix_format_field(out: Path) -> None:
+    """config.json's quantization_config and quantize_config.json must agree on the checkpoint
+    format (notes §5: a "gptq_v2"/"gptq" mismatch reloads as garbage); refuse a disagreement."""
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg.get("quantization_config") or {}
+    qfile = out / "quantize_config.json"
+    if qfile.is_file():
+        q2 = json.loads(qfile.read_text())
+        a = qc.get("checkpoint_format", qc.get("format"))
+        b = q2.get("checkpoint_format", q2.get("format"))
+        if a and b and a != b:
+            raise LlmQuantError(f"gptqmodel wrote checkpoint format {a!r} in config.json but {b!r} in "
+                                "quantize_config.json")
