@@ -102,6 +102,7 @@ def check_tokenizers(processor, manifest_model: dict, tok_paths: dict[str, Path]
 
 PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("onnxruntime", "tensorrt")
+LLM_QUANT = (None, "rtn", "gptq", "awq")
 
 
 def _graph_record(path: Path, root: Path, spec, precision: str, opset: int) -> dict:
@@ -117,7 +118,8 @@ def _graph_record(path: Path, root: Path, spec, precision: str, opset: int) -> d
 def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", revision: str | None = None,
                   opset: int = 18, seed: int = 0, calib: str | Path | None = None, calib_method: str = "minmax",
                   recipe_dir: str | Path | None = None, backend: str = "onnxruntime",
-                  trt: dict | None = None, quiet: bool = False) -> Path:
+                  trt: dict | None = None, llm_quant: str | None = None, group_size: int = 128,
+                  quiet: bool = False) -> Path:
     """Export ``model_ref`` into a bundle at ``out`` (replaced atomically if it exists).
 
     fp32: the validated graphs as exported. fp16/int8: the fp32 graphs are converted or
@@ -139,13 +141,21 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
     if out.exists() and not (out / MANIFEST).is_file():
         raise ExportError(f"{out} exists and is not a bundle; refusing to replace it",
                           hint="choose another --out or remove it")
+    if llm_quant not in LLM_QUANT:
+        raise ExportError(f"--llm-quant {llm_quant!r} is not supported (choose {', '.join(map(str, LLM_QUANT))})")
+    if llm_quant in ("gptq", "awq"):
+        import importlib.util
+
+        if importlib.util.find_spec("gptqmodel") is None:
+            raise ExportError(f"--llm-quant {llm_quant} needs gptqmodel",
+                              hint='pip install -c constraints.txt "gptqmodel==7.6.0"')
     calib_set = recipes = None
-    if precision != "fp32":  # check the calibration inputs before the long work
+    if precision != "fp32" or llm_quant in ("gptq", "awq"):  # check calibration inputs before the long work
         from ib_edge.quant.calibration import CalibrationSet
         from ib_edge.quant.int8 import Int8Recipe
 
         calib_set = CalibrationSet.load(calib)
-        if recipe_dir is not None:
+        if recipe_dir is not None and precision == "int8":
             rdir = Path(recipe_dir)
             rdir = rdir / "recipes" if (rdir / "recipes").is_dir() else rdir
             files = {st: rdir / f"{st}.int8.json" for st in specs.GRAPH_SPECS}
@@ -153,7 +163,7 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
             if missing:
                 raise ExportError(f"recipe files missing: {', '.join(missing)}")
             recipes = {st: Int8Recipe.load(f) for st, f in files.items()}
-    n_steps = 5 if precision == "fp32" else 6
+    n_steps = 5 + (precision != "fp32") + bool(llm_quant)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -188,6 +198,9 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
                             "backend": "transformers", "family": source["llm_family"]}
         artifacts["processor"] = {"dir": "processor", "files": _files(tmp, tmp / "processor")}
         mrec = model_record(model.config, processor)
+        if llm_quant and mrec["llm_family"] != "llama":
+            raise ExportError(f"the 4-bit LLM path runs Llama-family LLMs (Vicuna); this one is {mrec['llm_family']}",
+                              hint="export without --llm-quant")
         prep = preprocess_record(processor.image_processor, model.config)
         tokenizers = {"llm": "processor/tokenizer.json", "qformer": "processor/qformer_tokenizer/tokenizer.json"}
         for rel in tokenizers.values():
@@ -218,7 +231,7 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
             artifacts[stage] = {**_graph_record(tmp / f"{stage}.onnx", tmp, spec, precision, opset), **artifacts[stage]}
         if backend == "tensorrt":
             build_engines(artifacts, tmp, precision, source, trt or {}, log)
-        log(f"[{n_steps}/{n_steps}] checking tokenizers and writing manifest")
+        log(f"[{n_steps - bool(llm_quant)}/{n_steps}] checking tokenizers and writing manifest")
         check_tokenizers(processor, mrec, {k: tmp / v for k, v in tokenizers.items()})
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -233,12 +246,52 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
             "tools": tool_versions(),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if llm_quant:
+            log(f"[{n_steps}/{n_steps}] 4-bit LLM ({llm_quant}, group size {group_size})")
+            manifest["artifacts"]["llm"] = quantize_bundle_llm(tmp, manifest, llm_quant, group_size, calib_set, log)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"bundle written to {out} in {time.perf_counter() - t_start:.1f} s")
     return out
+
+
+def quantize_bundle_llm(root: Path, manifest: dict, method: str, group_size: int, calib_set, log) -> dict:
+    """Turn the (complete, fp32-LLM) bundle at ``root`` into a 4-bit-LLM one; returns the new
+    llm artifact. RTN packs the weights directly. GPTQ/AWQ run gptqmodel calibrated on the
+    bundle's own query embeddings + instructions, keep its standard HF checkpoint in
+    ``llm-{method}/`` (loadable by transformers + gptqmodel), and convert it, integers
+    unchanged, to the fast runtime's int4 format in ``llm/``."""
+    from ib_edge.quant import int4
+
+    src, tmp_llm = root / "llm", root / ".llm-int4"
+    extra = {}
+    if method == "rtn":
+        rec = int4.quantize_model_dir(src, tmp_llm, group_size=group_size)
+    else:
+        from ib_edge.quant import llm_quant
+
+        examples, calib_rec = llm_quant.multimodal_examples(root, calib_set)
+        log(f"      calibrating {method} on {len(examples)} multimodal examples (query embeds + instruction)")
+        hf_dir = root / f"llm-{method}"
+        extra["llm_quant"] = llm_quant.quantize_llm(
+            src, hf_dir, examples, method=method, bits=4, group_size=group_size,
+            image_token_id=manifest["model"]["image_token_id"], tokenizer_dir=root / "processor",
+            calib_record=calib_rec)
+        rec = int4.convert_quantized_checkpoint(hf_dir, tmp_llm)
+        extra["hf_checkpoint"] = {"dir": hf_dir.name}
+    shutil.rmtree(src)
+    os.replace(tmp_llm, src)
+    files = _files(root, src)
+    if "hf_checkpoint" in extra:
+        files.update(_files(root, root / extra["hf_checkpoint"]["dir"]))
+    log(f"      LLM: {rec['quantized_linears']} linears in int4 ({rec['method']}, group {rec['group_size']}), "
+        f"lm_head {rec['lm_head']}")
+    return {"dir": "llm", "files": files, "format": rec["format"], "format_version": rec["format_version"],
+            "backend": "fastllm", "precision": "int4", "dtype": "float32",
+            "family": manifest["artifacts"]["llm"]["family"], "quantization": rec, **extra}
 
 
 def build_engines(artifacts: dict, root: Path, precision: str, source: dict, opts: dict, log) -> None:

@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="activation range calibration for int8")
     ap.add_argument("--recipe", default=None, metavar="DIR",
                     help="re-apply the int8 recipes saved in a bundle (DIR or DIR/recipes) instead of searching")
+    ap.add_argument("--llm-quant", default=None, choices=["rtn", "gptq", "awq"],
+                    help="4-bit LLM for the fast int4 runtime: rtn (round to nearest), gptq or awq (gptqmodel, "
+                         "calibrated on the bundle's own query embeddings + the calibration instructions)")
+    ap.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256], help="4-bit group size")
     ap.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                     help="onnxruntime: ONNX graphs (CPU, or CUDA/TensorRT through ORT providers); tensorrt: build "
                          "TensorRT engines for THIS machine's GPU (needs TensorRT; run it on the Jetson)")
@@ -81,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             path = export_bundle(args.model, out, precision=args.precision, revision=args.revision,
                                  opset=args.opset, seed=args.seed, calib=args.calib, calib_method=args.calib_method,
-                                 recipe_dir=args.recipe, backend=args.backend, trt=trt, quiet=args.quiet)
+                                 recipe_dir=args.recipe, backend=args.backend, trt=trt, llm_quant=args.llm_quant,
+                                 group_size=args.group_size, quiet=args.quiet)
         except ExportValidationError as e:
             print(f"ib-export: error: {e}", file=sys.stderr)
             return 1

@@ -73,9 +73,14 @@ class Pipeline:
     @property
     def llm(self):
         if self._llm is None:  # torch/transformers load only when text is generated
-            from .llm import TransformersLLM
+            if self.manifest.artifact("llm").get("backend") == "fastllm":
+                from .fastllm import FastLLM
 
-            self._llm = TransformersLLM(self.manifest, self._threads)
+                self._llm = FastLLM(self.manifest, self._threads)
+            else:
+                from .llm import TransformersLLM
+
+                self._llm = TransformersLLM(self.manifest, self._threads)
         return self._llm
 
     # --- stage by stage (the bench and drift tests use these) -----------------------------

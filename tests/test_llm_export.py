@@ -1,0 +1,90 @@
+"""ib-export --llm-quant: the bundle's LLM in 4 bits on the fast int4 runtime."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ib_edge.runtime import InputError, Pipeline
+
+
+@pytest.fixture(scope="module")
+def rtn_bundle(reference_dir, tmp_path_factory):
+    from ib_edge.export.bundle import export_bundle
+
+    return export_bundle(str(reference_dir("llama")), tmp_path_factory.mktemp("rtn") / "b", llm_quant="rtn",
+                         group_size=32, quiet=True)
+
+
+def _first_logits(pipe, image, prompt):
+    enc = pipe.prompts.encode(prompt)
+    q = pipe.query_embeds(pipe.image_embeds(pipe.pixel_values([image])), enc["qformer_input_ids"],
+                          enc["qformer_attention_mask"])
+    return q, enc
+
+
+def test_rtn_bundle_manifest_and_runtime(rtn_bundle, bundle_dir):
+    m = json.loads((rtn_bundle / "manifest.json").read_text())
+    llm = m["artifacts"]["llm"]
+    assert llm["backend"] == "fastllm" and llm["precision"] == "int4" and llm["format"] == "ib-edge-int4"
+    assert llm["quantization"]["method"] == "rtn" and llm["quantization"]["group_size"] == 32
+    assert llm["quantization"]["quantized_linears"] > 0
+    pipe = Pipeline.load(rtn_bundle)
+    ref = Pipeline.load(bundle_dir("llama"))
+    from ib_edge.runtime.fastllm import FastLLM
+    assert isinstance(pipe.llm, FastLLM)
+    rng = np.random.default_rng(0)
+    cos = []
+    for i, prompt in enumerate(["Describe this image.", "What color is the circle?", "How many shapes?"]):
+        image = Image.fromarray(rng.integers(0, 256, (120, 150, 3), np.uint8))
+        q, enc = _first_logits(pipe, image, prompt)
+        with torch.no_grad():
+            pipe.llm.model.setup_cache(enc["input_ids"].shape[1] + 1)
+            got = pipe.llm.model(pipe.llm.embeds(q, enc["input_ids"]), 0)[0].numpy()
+            lm = ref.llm.model
+            ids = torch.from_numpy(enc["input_ids"])
+            emb = lm.get_input_embeddings()(ids).masked_scatter((ids == ref.llm.image_token_id).unsqueeze(-1),
+                                                                 torch.from_numpy(q))
+            full = lm(inputs_embeds=emb).logits[0, -1].numpy()
+        cos.append(float(got @ full / np.linalg.norm(got) / np.linalg.norm(full)))
+        assert len(pipe.generate(image, prompt, max_new_tokens=6)) >= 0
+    assert min(cos) > 0.95, cos
+
+
+def test_fast_runtime_refuses_beams_with_one_line(rtn_bundle, tmp_path):
+    img = tmp_path / "x.png"
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(img)
+    proc = subprocess.run([sys.executable, "-m", "ib_edge.runtime.cli", "--bundle", str(rtn_bundle), str(img),
+                           "hi", "--num-beams", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "beam" in proc.stderr
+    with pytest.raises(InputError):
+        Pipeline.load(rtn_bundle).generate(Image.new("RGB", (40, 40)), "hi", num_beams=3)
+
+
+def test_llm_quant_refuses_t5(reference_dir, tmp_path):
+    from ib_edge.export.bundle import ExportError, export_bundle
+
+    with pytest.raises(ExportError, match="Llama"):
+        export_bundle(str(reference_dir("t5")), tmp_path / "b", llm_quant="rtn", quiet=True)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
+                    reason="gptqmodel is not installed (pip install -c constraints.txt gptqmodel==7.6.0)")
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_gptq_awq_bundle(method, reference_dir, tmp_path):
+    from ib_edge.export.bundle import export_bundle
+
+    out = export_bundle(str(reference_dir("llama")), tmp_path / method, llm_quant=method, group_size=32, quiet=True)
+    m = json.loads((out / "manifest.json").read_text())
+    llm = m["artifacts"]["llm"]
+    assert llm["llm_quant"]["method"] == method and llm["llm_quant"]["calibration"]["source"] == "multimodal"
+    assert (out / llm["hf_checkpoint"]["dir"] / "config.json").is_file()
+    assert Pipeline.load(out).generate(Image.new("RGB", (64, 64), (200, 20, 20)), "What color?", max_new_tokens=4) is not None
