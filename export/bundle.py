@@ -171,6 +171,9 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
     try:
         log(f"[1/{n_steps}] loading {model_ref or 'proof-llama'}")
         model, processor, source = load_checkpoint(model_ref, revision)
+        if llm_quant and source["llm_family"] != "llama":
+            raise ExportError(f"the 4-bit LLM path runs Llama-family LLMs (Vicuna); this one is "
+                              f"{source['llm_family']}", hint="export without --llm-quant")
         artifacts: dict[str, dict] = {}
         graph_specs, fp32_paths = {}, {}
         fp32_dir = tmp if precision == "fp32" else tmp / ".fp32"
@@ -198,9 +201,6 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
                             "backend": "transformers", "family": source["llm_family"]}
         artifacts["processor"] = {"dir": "processor", "files": _files(tmp, tmp / "processor")}
         mrec = model_record(model.config, processor)
-        if llm_quant and mrec["llm_family"] != "llama":
-            raise ExportError(f"the 4-bit LLM path runs Llama-family LLMs (Vicuna); this one is {mrec['llm_family']}",
-                              hint="export without --llm-quant")
         prep = preprocess_record(processor.image_processor, model.config)
         tokenizers = {"llm": "processor/tokenizer.json", "qformer": "processor/qformer_tokenizer/tokenizer.json"}
         for rel in tokenizers.values():

@@ -36,8 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _quiet_libraries() -> None:
+    """Library chatter (torch/torchao/transformers warnings on import) must not bury the one
+    line a user gets; IB_EDGE_DEBUG=1 keeps it."""
+    if os.environ.get("IB_EDGE_DEBUG"):
+        return
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     from .errors import BundleError, IbEdgeError, InputError
 
     try:
