@@ -51,8 +51,8 @@ def _silence_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore")
-    for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    if not os.environ.get("IB_EDGE_DEBUG"):
+        logging.disable(logging.WARNING)  # torch/torchao/onnxscript import chatter; progress is printed
 
 
 def _triple(text: str, flag: str) -> tuple[int, int, int]:
