@@ -141,6 +141,8 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
     if out.exists() and not (out / MANIFEST).is_file():
         raise ExportError(f"{out} exists and is not a bundle; refusing to replace it",
                           hint="choose another --out or remove it")
+    if recipe_dir is not None and precision != "int8":
+        raise ExportError("--recipe re-applies INT8 recipes; use it with --precision int8")
     if llm_quant not in LLM_QUANT:
         raise ExportError(f"--llm-quant {llm_quant!r} is not supported (choose {', '.join(map(str, LLM_QUANT))})")
     if llm_quant in ("gptq", "awq"):
@@ -155,7 +157,7 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
         from ib_edge.quant.int8 import Int8Recipe
 
         calib_set = CalibrationSet.load(calib)
-        if recipe_dir is not None and precision == "int8":
+        if recipe_dir is not None:
             rdir = Path(recipe_dir)
             rdir = rdir / "recipes" if (rdir / "recipes").is_dir() else rdir
             files = {st: rdir / f"{st}.int8.json" for st in specs.GRAPH_SPECS}
