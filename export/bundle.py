@@ -6,6 +6,7 @@ and never damages an existing one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -278,10 +279,11 @@ def quantize_bundle_llm(root: Path, manifest: dict, method: str, group_size: int
         examples, calib_rec = llm_quant.multimodal_examples(root, calib_set)
         log(f"      calibrating {method} on {len(examples)} multimodal examples (query embeds + instruction)")
         hf_dir = root / f"llm-{method}"
-        extra["llm_quant"] = llm_quant.quantize_llm(
-            src, hf_dir, examples, method=method, bits=4, group_size=group_size,
-            image_token_id=manifest["model"]["image_token_id"], tokenizer_dir=root / "processor",
-            calib_record=calib_rec)
+        with contextlib.redirect_stdout(sys.stderr):  # gptqmodel's progress output; stdout stays ours
+            extra["llm_quant"] = llm_quant.quantize_llm(
+                src, hf_dir, examples, method=method, bits=4, group_size=group_size,
+                image_token_id=manifest["model"]["image_token_id"], tokenizer_dir=root / "processor",
+                calib_record=calib_rec)
         rec = int4.convert_quantized_checkpoint(hf_dir, tmp_llm)
         extra["hf_checkpoint"] = {"dir": hf_dir.name}
     shutil.rmtree(src)
