@@ -143,6 +143,10 @@ def artifact_sizes(manifest) -> dict:
 def llm_weight_bytes(model) -> dict:
     """Bytes of LLM weights read to produce one token: every parameter except the input
     embedding table (a lookup reads one row), unless that table is tied to the output head."""
+    if hasattr(model, "weight_bytes_per_token"):  # the fast int4 runtime counts its packed weights
+        per_token = int(model.weight_bytes_per_token())
+        return {"total_bytes": per_token, "per_token_bytes": per_token, "tied_embeddings": False,
+                "dtype": "int4+fp32"}
     params = {id(p): p for p in model.parameters()}
     total = sum(p.numel() * p.element_size() for p in params.values())
     emb = model.get_input_embeddings().weight

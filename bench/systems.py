@@ -76,6 +76,10 @@ def next_token_logits(llm, query_embeds: np.ndarray, enc: dict[str, np.ndarray])
 
     model = llm.model
     ids = torch.from_numpy(enc["input_ids"])
+    if hasattr(model, "setup_cache"):  # the fast int4 runtime (runtime/fastllm.py)
+        with torch.no_grad():
+            model.setup_cache(ids.shape[1] + 1)
+            return model(llm.embeds(query_embeds, enc["input_ids"]), 0).float().numpy()
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids)
         mask = (ids == llm.image_token_id).unsqueeze(-1)
