@@ -1,0 +1,141 @@
+"""The shipped proof models through the real export + runtime path: fp32 task accuracy on a
+fresh held-out sample every run, quantized accuracy against fp32 on the same sample, and the
+README's main job (ib-run on a generated image)."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ib_edge.bench import proof_task
+from ib_edge.runtime import Pipeline
+
+# proof-t5 (the encoder-decoder proof model) is not trained yet: the runs so far stayed below
+# 50% held-out accuracy (see issue 3's notes), so only proof-llama ships and is tested here.
+PROOF_MODELS = ("proof-llama",)
+N_EVAL = 300                     # 60 per question type
+ALPHA = 1e-3                     # chance a model truly at the bound fails the test
+
+
+def binom_cdf(k: int, n: int, p: float) -> float:
+    return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1))
+
+
+def consistent_with(correct: int, n: int, p: float) -> bool:
+    """False when seeing <= ``correct`` successes in ``n`` would be rarer than ALPHA for a model
+    whose true accuracy is ``p``: the sample-size-aware form of 'accuracy >= p'."""
+    return binom_cdf(correct, n, p) >= ALPHA
+
+
+@pytest.fixture(scope="session")
+def eval_examples():
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"\nproof eval seed {seed} (rerun: proof_task.make_eval_examples({N_EVAL}, {seed}))")
+    return seed, proof_task.make_eval_examples(N_EVAL, seed)
+
+
+@pytest.fixture(scope="session")
+def proof_bundle(tmp_path_factory):
+    from ib_edge.export.bundle import export_bundle
+
+    root = tmp_path_factory.mktemp("proof")
+    cache = {}
+
+    def get(name, precision="fp32", llm_quant=None):
+        key = (name, precision, llm_quant)
+        if key not in cache:
+            cache[key] = export_bundle(name, root / "-".join(map(str, key)), precision=precision,
+                                       llm_quant=llm_quant, quiet=True)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def predictions(proof_bundle, eval_examples):
+    cache = {}
+
+    def get(name, precision="fp32", llm_quant=None):
+        key = (name, precision, llm_quant)
+        if key not in cache:
+            pipe = Pipeline.load(proof_bundle(*key))
+            cache[key] = [pipe.generate(ex["image"], ex["question"], max_new_tokens=16) for ex in eval_examples[1]]
+        return cache[key]
+
+    return get
+
+
+def _score(preds, examples):
+    per_type: dict[str, list[bool]] = {}
+    for p, ex in zip(preds, examples):
+        per_type.setdefault(ex["type"], []).append(proof_task.is_correct(p, ex["answer"]))
+    return per_type
+
+
+def _accuracy(preds, examples) -> float:
+    return 100.0 * sum(sum(v) for v in _score(preds, examples).values()) / len(examples)
+
+
+@pytest.mark.parametrize("name", PROOF_MODELS)
+def test_fp32_task_accuracy(name, predictions, eval_examples):
+    seed, examples = eval_examples
+    per_type = _score(predictions(name), examples)
+    total = sum(sum(v) for v in per_type.values())
+    summary = {t: f"{sum(v)}/{len(v)}" for t, v in per_type.items()}
+    print(f"{name} fp32 seed {seed}: {total}/{len(examples)} {summary}")
+    assert set(per_type) == set(proof_task.QUESTION_TYPES)
+    assert consistent_with(total, len(examples), 0.97), f"{name}: {total}/{len(examples)} {summary}"
+    for qtype, oks in per_type.items():
+        assert consistent_with(sum(oks), len(oks), 0.95), f"{name} {qtype}: {sum(oks)}/{len(oks)}"
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+@pytest.mark.parametrize("name", PROOF_MODELS)
+def test_quantized_accuracy_within_half_a_point(name, precision, predictions, eval_examples):
+    seed, examples = eval_examples
+    ref, got = _accuracy(predictions(name), examples), _accuracy(predictions(name, precision), examples)
+    agree = sum(a == b for a, b in zip(predictions(name), predictions(name, precision)))
+    print(f"{name} {precision} seed {seed}: {got:.2f}% vs fp32 {ref:.2f}%, answers identical {agree}/{len(examples)}")
+    assert got >= ref - 0.5, f"{name} {precision}: accuracy {got:.2f}% vs fp32 {ref:.2f}%"
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_4bit_llm_agrees_with_fp32(method, predictions, eval_examples):
+    """4-bit LLM (fp32 vision and Q-Former): >= 98% identical greedy answers, accuracy within 1 point."""
+    seed, examples = eval_examples
+    ref, q = predictions("proof-llama"), predictions("proof-llama", "fp32", method)
+    agree = sum(a == b for a, b in zip(ref, q))
+    print(f"proof-llama {method} seed {seed}: identical {agree}/{len(examples)}, accuracy "
+          f"{_accuracy(q, examples):.2f}% vs fp32 {_accuracy(ref, examples):.2f}%")
+    assert agree >= 0.98 * len(examples), f"{method}: {agree}/{len(examples)} answers identical to fp32"
+    assert _accuracy(q, examples) >= _accuracy(ref, examples) - 1.0
+
+
+def test_full_stack_int8_and_4bit(predictions, eval_examples):
+    """INT8 vision + Q-Former and a GPTQ 4-bit LLM: accuracy within 1.5 points of fp32."""
+    seed, examples = eval_examples
+    ref, q = predictions("proof-llama"), predictions("proof-llama", "int8", "gptq")
+    print(f"proof-llama int8+gptq seed {seed}: {_accuracy(q, examples):.2f}% vs fp32 {_accuracy(ref, examples):.2f}%")
+    assert _accuracy(q, examples) >= _accuracy(ref, examples) - 1.5
+
+
+def test_readme_main_job(proof_bundle, tmp_path):
+    from ib_edge.bench.demo import demo_image
+
+    image = tmp_path / "demo.png"
+    question, answer = demo_image(image, seed=7)
+    proc = subprocess.run([sys.executable, "-m", "ib_edge.runtime.cli", "--bundle", str(proof_bundle("proof-llama")),
+                           str(image), question], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proof_task.normalize_answer(proc.stdout) == answer
+
+
+def test_default_model_is_proof_llama():
+    from ib_edge.export import checkpoint
+
+    path, kind = checkpoint.resolve(None)
+    assert kind == "proof" and path.endswith("proof-llama")
+    assert checkpoint.resolve("proof-llama") == (path, "proof")
