@@ -150,3 +150,32 @@ def test_tensorrt_backend_records_engines_and_refuses_foreign_platform(reference
     with pytest.raises(BundleError) as err:  # this machine has no GPU: not the engine's platform
         Pipeline.load(out)
     assert "ib-export" in err.value.line() and "--backend tensorrt" in err.value.line()
+
+
+def test_external_data_graphs(reference_dir, tmp_path, monkeypatch):
+    """Graphs past protobuf's 2 GB limit (real ViT-g is ~4 GB fp32) go to ONNX external data: the
+    data file is listed and hashed in the manifest, validated and loaded by the runtime. The
+    threshold is lowered so a tiny model takes that path."""
+    from PIL import Image
+
+    from ib_edge.export import onnx_export
+    from ib_edge.runtime import BundleError, Pipeline
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = bundle_mod.export_bundle(str(reference_dir("opt")), tmp_path / "ext", quiet=True)
+    m = json.loads((out / "manifest.json").read_text())
+    for stage in ("vision", "qformer"):
+        files = m["artifacts"][stage]["files"]
+        assert len(files) >= 2, files  # the graph and its external data
+        graph = m["artifacts"][stage]["file"]
+        data_size = sum((out / f).stat().st_size for f in files if f != graph)
+        assert (out / graph).stat().st_size < data_size  # the weights live outside the graph
+    pipe = Pipeline.load(out)
+    emb = pipe.image_embeds(pipe.pixel_values([Image.new("RGB", (50, 50), (1, 2, 3))]))
+    assert emb.shape[0] == 1
+    data = next(f for f in m["artifacts"]["vision"]["files"] if f != "vision.onnx")
+    blob = bytearray((out / data).read_bytes())
+    blob[len(blob) // 3] ^= 0xFF
+    (out / data).write_bytes(bytes(blob))
+    with pytest.raises(BundleError, match="sha256"):
+        Pipeline.load(out)
