@@ -265,6 +265,7 @@ def bench_transformers(name: str, checkpoint: str, quantization, cfg: BenchConfi
     rec = {"name": name, "available": True, "kind": "transformers", "checkpoint": checkpoint,
            "quantization": quantization or "none (fp32, eager attention)", "device": str(system.device),
            "load_ms": load_ms, **lat, "bandwidth_bound": bound,
+           **({"nf4_generic_cpu_layers": system.nf4_generic_layers} if quantization == "nf4" else {}),
            "memory": mem.record(), "agreement": agreement(preds, ref_preds, ref_name),
            "accuracy": accuracy(preds, cfg.accuracy_applicable), "predictions": preds}
     _free(system)

@@ -108,19 +108,32 @@ class _FirstToken:
 
 
 def nf4_unavailable_reason() -> str | None:
-    """Why transformers + bitsandbytes NF4 cannot run here, or None if it can."""
+    """Why transformers + bitsandbytes NF4 cannot run here, or None if it can. bitsandbytes
+    >= 0.45 runs NF4 on CPU as well as on CUDA GPUs."""
     if importlib.util.find_spec("bitsandbytes") is None:
-        return "bitsandbytes is not installed (pip install bitsandbytes; NF4 kernels need a CUDA GPU)"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "bitsandbytes is installed but there is no CUDA GPU (torch.cuda.is_available() is False)"
+        return "bitsandbytes is not installed (pip install -c constraints.txt -e '.[bench]')"
     return None
+
+
+def _nf4_cpu_fallbacks(model) -> int:
+    """bitsandbytes' packed CPU NF4 kernel (avx512-bf16) needs out_features % 32 == 0 and
+    in_features % blocksize == 0 and fails otherwise ("N must be divisible by block_n"); such
+    layers are put on bitsandbytes' own generic CPU path. Returns how many."""
+    n = 0
+    for mod in model.modules():
+        if type(mod).__name__ == "Linear4bit" and getattr(mod, "support_avx512bf16_for_cpu", False):
+            qs = getattr(mod.weight, "quant_state", None)
+            block = getattr(qs, "blocksize", 64) or 64
+            if mod.out_features % 32 or mod.in_features % block:
+                mod.support_avx512bf16_for_cpu = False
+                n += 1
+    return n
 
 
 class TransformersSystem:
     """transformers' own InstructBLIP generate. ``quantization``: None (fp32 eager on CPU) or
-    "nf4" (bitsandbytes 4-bit NF4 weights, fp16 compute, on CUDA device 0)."""
+    "nf4" (bitsandbytes 4-bit NF4 weights, as a user would load them: fp16 compute on CUDA
+    device 0 when there is a GPU, else fp32 compute on CPU)."""
     kind = "transformers"
 
     def __init__(self, checkpoint: str, quantization: str | None = None, threads: int | None = None):
@@ -137,9 +150,11 @@ class TransformersSystem:
             reason = nf4_unavailable_reason()
             if reason:
                 raise NotAvailable(reason)
+            cuda = torch.cuda.is_available()
+            dt = torch.float16 if cuda else torch.float32
             kwargs.update(quantization_config=transformers.BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16),
-                device_map={"": 0}, dtype=torch.float16)
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dt),
+                device_map={"": 0} if cuda else {"": "cpu"}, dtype=dt)
         elif quantization is None:
             kwargs["dtype"] = torch.float32
         else:
@@ -147,7 +162,8 @@ class TransformersSystem:
         self.model = InstructBlipForConditionalGeneration.from_pretrained(checkpoint, **kwargs).eval()
         self.processor = InstructBlipProcessor.from_pretrained(checkpoint)
         self.device = next(self.model.parameters()).device
-        self.float_dtype = torch.float16 if quantization == "nf4" else torch.float32
+        self.float_dtype = kwargs["dtype"]
+        self.nf4_generic_layers = _nf4_cpu_fallbacks(self.model) if quantization == "nf4" else 0
         self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         self._marks: dict[str, float] = {}
         m = self.model

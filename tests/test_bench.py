@@ -3,6 +3,8 @@ JSON, and the accuracy in it against an independent count; the real-shape config
 check script on a machine without a GPU."""
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import os
 import re
@@ -130,8 +132,14 @@ def test_json_has_every_field(bench_run):
     # transformers' own generate on the source checkpoint answers exactly like the fp32 bundle
     assert base["agreement"]["token_ids_equal"] == 1.0
     nf4 = result["baselines"]["transformers_bnb_nf4"]
-    if not nf4["available"]:
-        assert nf4["reason"].startswith("not available: ")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert not nf4["available"] and nf4["reason"].startswith("not available: bitsandbytes")
+    else:  # bitsandbytes runs NF4 on CPU too: the baseline must have run, with real answers
+        assert nf4["available"], nf4
+        _check_latency(nf4)
+        assert nf4["quantization"] == "nf4" and nf4["device"] == "cpu"
+        assert len(nf4["predictions"]) == len(base["predictions"])
+        assert nf4["agreement"]["measured"] and 0.0 <= nf4["agreement"]["answers_equal"] <= 1.0
 
 
 @pytest.mark.parametrize("which", ["fp32", "int8"])
