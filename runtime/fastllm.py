@@ -153,7 +153,10 @@ class LlamaArgs:
 
 
 PRESETS = {"tinyllama-1.1b": LlamaArgs(vocab_size=32000, hidden_size=2048, n_layers=22, n_heads=32, n_kv_heads=4,
-                                       intermediate_size=5632, max_positions=2048)}
+                                       intermediate_size=5632, max_positions=2048),
+           # a few MB, for checking the benchmark itself
+           "smoke": LlamaArgs(vocab_size=1024, hidden_size=256, n_layers=2, n_heads=4, n_kv_heads=2,
+                              intermediate_size=512, max_positions=256)}
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -463,13 +466,13 @@ def _decode_rate(step, n: int) -> float:
 
 
 def bench(preset: str = "tinyllama-1.1b", group_size: int = 64, prompt_len: int = 40, new_tokens: int = 32,
-          hf_tokens: int = 8, threads: int | None = None) -> dict:
+          hf_tokens: int = 8, threads: int | None = None, nf4: bool = True) -> dict:
     import resource
 
     if threads:
         torch.set_num_threads(threads)
     a = PRESETS[preset]
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(1 << 26 if preset == "smoke" else 1 << 30)
     t0 = time.perf_counter()
     model = random_int4_model(a, group_size)
     build_s = time.perf_counter() - t0
@@ -500,13 +503,46 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = 64, prompt_len: int 
         hf_total = time.perf_counter() - t0
     hf_tps = (out.shape[1] - 1) / (hf_total - hf_prefill)
     achieved = per_tok * int4_tps
+    nf4 = _nf4_decode(hf, emb, hf_tokens) if nf4 else {"measured": False, "reason": "--no-nf4"}
+    del hf
     return {"preset": preset, "threads": torch.get_num_threads(), "group_size": group_size,
             "int4_build_s": round(build_s, 1), "int4_prefill_ms": round(prefill_s * 1e3, 1),
             "int4_decode_tok_s": round(int4_tps, 2), "transformers_fp32_decode_tok_s": round(hf_tps, 2),
             "speedup": round(int4_tps / hf_tps, 2), "int4_weight_MB_per_token": round(per_tok / 1e6, 1),
             "achieved_GB_s": round(achieved / 1e9, 2), "copy_bandwidth_GB_s": round(bw / 1e9, 2),
             "pct_of_bandwidth_bound": round(100 * achieved / bw, 1), "peak_rss_int4_MB": round(rss_int4),
-            "peak_rss_total_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            "peak_rss_total_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "transformers_bnb_nf4": nf4,
+            **({"speedup_vs_nf4": round(int4_tps / nf4["decode_tok_s"], 2)} if nf4.get("measured") else {})}
+
+
+def _nf4_decode(hf, emb: torch.Tensor, n_tokens: int) -> dict:
+    """Decode tokens/s of the same random model through transformers + bitsandbytes NF4 (what a
+    user tries first): saved, then reloaded with BitsAndBytesConfig, fp32 compute on CPU."""
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return {"measured": False, "reason": "bitsandbytes is not installed"}
+    import bitsandbytes
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        t0 = time.perf_counter()
+        q = LlamaForCausalLM.from_pretrained(d, quantization_config=cfg, device_map={"": "cpu"},
+                                             dtype=torch.float32).eval()
+        load_s = time.perf_counter() - t0
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        q.generate(inputs_embeds=emb, max_new_tokens=1, do_sample=False, min_new_tokens=1)
+        prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = q.generate(inputs_embeds=emb, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False)
+        total = time.perf_counter() - t0
+    return {"measured": True, "bitsandbytes": bitsandbytes.__version__, "load_s": round(load_s, 1),
+            "prefill_ms": round(prefill * 1e3, 1), "decode_tok_s": round((out.shape[1] - 1) / (total - prefill), 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -519,11 +555,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--hf-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-nf4", action="store_true", help="skip the transformers + bitsandbytes NF4 comparison")
     args = ap.parse_args(argv)
     if not args.bench:
         ap.error("nothing to do (use --bench)")
     res = bench(args.preset, args.group_size, new_tokens=args.new_tokens, hf_tokens=args.hf_tokens,
-                threads=args.threads)
+                threads=args.threads, nf4=not args.no_nf4)
     print(json.dumps(res, indent=2))
     return 0
 

@@ -192,3 +192,17 @@ def test_fast_llm_stage_matches_transformers_stage(reference_lm, tmp_path):
     assert set(ours.timings) == {"prefill", "decode", "new_tokens"}
     with pytest.raises(InputError, match="beam"):
         ours.generate(q, ids, mask, decode=str, num_beams=2)
+
+
+def test_decode_bench_smoke():
+    """The decode benchmark (python -m ib_edge.runtime.fastllm --bench) runs end to end on a tiny
+    shape, with the bitsandbytes NF4 comparison when bitsandbytes is installed."""
+    import importlib.util
+
+    res = fastllm.bench("smoke", group_size=64, prompt_len=8, new_tokens=8, hf_tokens=4)
+    assert res["int4_decode_tok_s"] > 0 and res["transformers_fp32_decode_tok_s"] > 0
+    assert res["int4_weight_MB_per_token"] > 0 and res["copy_bandwidth_GB_s"] > 0
+    nf4 = res["transformers_bnb_nf4"]
+    assert nf4["measured"] == (importlib.util.find_spec("bitsandbytes") is not None), nf4
+    if nf4["measured"]:
+        assert nf4["decode_tok_s"] > 0 and res["speedup_vs_nf4"] > 0
