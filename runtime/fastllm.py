@@ -477,6 +477,7 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = 64, prompt_len: int 
     model = random_int4_model(a, group_size)
     build_s = time.perf_counter() - t0
     emb = torch.randn(1, prompt_len, a.hidden_size) * 0.02
+    generate(model, emb, max_new_tokens=2)  # warm-up: cache allocation, first-call costs
     t0 = time.perf_counter()
     ids = generate(model, emb, max_new_tokens=1)
     prefill_s = time.perf_counter() - t0
@@ -495,6 +496,7 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = 64, prompt_len: int 
     torch.manual_seed(0)
     hf = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
+        hf.generate(inputs_embeds=emb, max_new_tokens=2, do_sample=False, min_new_tokens=2)  # warm-up
         t0 = time.perf_counter()
         hf.generate(inputs_embeds=emb, max_new_tokens=1, do_sample=False, min_new_tokens=1)
         hf_prefill = time.perf_counter() - t0
@@ -535,6 +537,7 @@ def _nf4_decode(hf, emb: torch.Tensor, n_tokens: int) -> dict:
                                              dtype=torch.float32).eval()
         load_s = time.perf_counter() - t0
     with torch.no_grad():
+        q.generate(inputs_embeds=emb, max_new_tokens=2, do_sample=False, min_new_tokens=2)  # warm-up (packs weights)
         t0 = time.perf_counter()
         q.generate(inputs_embeds=emb, max_new_tokens=1, do_sample=False, min_new_tokens=1)
         prefill = time.perf_counter() - t0

@@ -199,7 +199,7 @@ def test_decode_bench_smoke():
     shape, with the bitsandbytes NF4 comparison when bitsandbytes is installed."""
     import importlib.util
 
-    res = fastllm.bench("smoke", group_size=64, prompt_len=8, new_tokens=8, hf_tokens=4)
+    res = fastllm.bench("smoke", group_size=64, prompt_len=8, new_tokens=24, hf_tokens=12)
     assert res["int4_decode_tok_s"] > 0 and res["transformers_fp32_decode_tok_s"] > 0
     assert res["int4_weight_MB_per_token"] > 0 and res["copy_bandwidth_GB_s"] > 0
     nf4 = res["transformers_bnb_nf4"]
