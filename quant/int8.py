@@ -38,6 +38,10 @@ class Int8Recipe:
     symmetric: bool = True
     calibration_sha256: str | None = None
     graph_sha256: str | None = None          # the fp32 graph the recipe was searched on
+    # One Q/DQ pair per consumer of a tensor (ORT's DedicatedQDQPair), so that every quantized
+    # MatMul can fuse into QLinearMatMul (see runtime.stages.DISABLED_OPTIMIZERS). Recipes saved
+    # before this field existed re-apply without it.
+    dedicated_qdq_pair: bool = True
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -47,6 +51,7 @@ class Int8Recipe:
         data = dict(data)
         for k in ("op_types", "exclude"):
             data[k] = tuple(data.get(k, ()))
+        data.setdefault("dedicated_qdq_pair", False)
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
     def save(self, path: Path) -> None:
@@ -96,6 +101,7 @@ def apply(fp32_path: Path, out_path: Path, recipe: Int8Recipe, calib_feeds: list
     if recipe.method == "percentile":
         extra["CalibPercentile"] = recipe.percentile
     extra["CalibTensorRangeSymmetric"] = recipe.symmetric
+    extra["DedicatedQDQPair"] = recipe.dedicated_qdq_pair
     quantize_static(
         str(fp32_path), str(out_path), _Reader(calib_feeds),
         quant_format=QuantFormat.QDQ, op_types_to_quantize=list(recipe.op_types),
@@ -107,12 +113,22 @@ def apply(fp32_path: Path, out_path: Path, recipe: Int8Recipe, calib_feeds: list
     return Path(out_path)
 
 
+def _session(model, opts):
+    """A CPU session configured as the runtime runs Q/DQ graphs (CSE off; a no-op for fp32)."""
+    import onnxruntime as ort
+
+    from ib_edge.runtime.stages import DISABLED_OPTIMIZERS
+
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(DISABLED_OPTIMIZERS["int8"]))
+
+
 def run_graph(path: Path, feeds: list[dict[str, np.ndarray]], output: str) -> list[np.ndarray]:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = _session(str(path), opts)
     names = [i.name for i in sess.get_inputs()]
     return [sess.run([output], {n: f[n] for n in names})[0] for f in feeds]
 
@@ -198,7 +214,7 @@ def node_sensitivity(fp32_path: Path, qdq_path: Path, feeds: list[dict[str, np.n
     scores = []
     for group in _groups(fp32, candidates, max_groups):
         variant = _bypass(qdq, fp32, set(group))
-        sess = ort.InferenceSession(variant.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = _session(variant.SerializeToString(), opts)
         names = [i.name for i in sess.get_inputs()]
         got = [sess.run([output], {n: f[n] for n in names})[0] for f in feeds]
         scores.append((group, compare(ref, got).cosine_min))

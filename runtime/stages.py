@@ -11,6 +11,13 @@ from .manifest import REBUILD, Manifest
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_WORKSPACE_MB = 1024
+# ORT graph optimizers to turn off per precision. On Q/DQ graphs, common-subexpression
+# elimination merges the dedicated Q/DQ pairs the quantizer writes for each consumer of a
+# tensor (q/k/v projections of one LayerNorm output, cross-attention k/v of image_embeds);
+# a MatMul fed by a shared pair is then not fused into QLinearMatMul and runs as DequantizeLinear
+# of its weights + fp32 MatMul on every call (measured: 13 of 27 Q-Former MatMuls left unfused,
+# INT8 Q-Former slower than fp32; with CSE off 5 remain). Numerics are unchanged by CSE itself.
+DISABLED_OPTIMIZERS = {"int8": ("CommonSubexpressionElimination",)}
 
 
 class ProviderError(IbEdgeError):
@@ -73,7 +80,9 @@ class OnnxStage:
                               f"{', '.join(ort.get_available_providers())})",
                               hint="install onnxruntime-gpu for CUDA/TensorRT providers")
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+            self.session = ort.InferenceSession(str(path), opts, providers=providers,
+                                                disabled_optimizers=list(DISABLED_OPTIMIZERS.get(
+                                                    art.get("precision", "fp32"), ())))
         except Exception as e:  # ORT raises its own exception types for bad graphs
             raise BundleError(f"cannot load {art['file']}: {str(e).splitlines()[0]}", hint=REBUILD) from None
         self.input_names = [t["name"] for t in art["inputs"]]

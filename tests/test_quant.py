@@ -173,3 +173,54 @@ def test_cli_bad_calibration_dir(tmp_path):
     errs = [ln for ln in proc.stderr.splitlines() if ln.startswith("ib-export: error:")]
     assert len(errs) == 1 and "calibration directory not found" in errs[0]
     assert not (tmp_path / "b").exists()
+
+
+def _shared_input_graph(path):
+    """x -> LayerNorm -> three MatMuls with weights (q/k/v-like) -> Add: one tensor, three consumers."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32) * 0.1, f"w{i}") for i in range(3)]
+    inits += [numpy_helper.from_array(np.ones(64, np.float32), "g"), numpy_helper.from_array(np.zeros(64, np.float32), "b")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], axis=-1, name="ln")]
+    nodes += [helper.make_node("MatMul", ["h", f"w{i}"], [f"m{i}"], name=f"mm{i}") for i in range(3)]
+    nodes += [helper.make_node("Add", ["m0", "m1"], ["s"], name="add0"), helper.make_node("Add", ["s", "m2"], ["y"], name="add1")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 16, 64])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return [{"x": rng.standard_normal((1, 16, 64)).astype(np.float32)} for _ in range(4)]
+
+
+def _fused_ops(path, disabled):
+    import collections
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(path) + ".opt.onnx"
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    return collections.Counter(n.op_type for n in onnx.load(str(path) + ".opt.onnx").graph.node)
+
+
+def test_dedicated_qdq_pairs_let_every_matmul_fuse(tmp_path):
+    """The Q-Former's q/k/v MatMuls share one input. With one Q/DQ pair per consumer and ORT's
+    common-subexpression elimination off (as the runtime runs int8 graphs), all three fuse into
+    QLinearMatMul; a shared pair leaves them as DequantizeLinear + fp32 MatMul."""
+    from ib_edge.runtime.stages import DISABLED_OPTIMIZERS
+
+    feeds = _shared_input_graph(tmp_path / "g.onnx")
+    disabled = list(DISABLED_OPTIMIZERS["int8"])
+    shared = int8.apply(tmp_path / "g.onnx", tmp_path / "shared.onnx", int8.Int8Recipe(dedicated_qdq_pair=False), feeds)
+    dedicated = int8.apply(tmp_path / "g.onnx", tmp_path / "ded.onnx", int8.Int8Recipe(), feeds)
+    assert _fused_ops(dedicated, disabled)["QLinearMatMul"] == 3
+    assert _fused_ops(dedicated, disabled)["MatMul"] == 0
+    assert _fused_ops(shared, disabled)["MatMul"] == 3     # the failure mode this guards against
+    ref = int8.run_graph(tmp_path / "g.onnx", feeds, "y")
+    assert compare(ref, int8.run_graph(dedicated, feeds, "y")).cosine_min > 0.999
+
+
+def test_old_recipes_reapply_without_dedicated_pairs():
+    assert int8.Int8Recipe().dedicated_qdq_pair is True
+    old = {"op_types": ["MatMul"], "exclude": [], "method": "minmax"}
+    assert int8.Int8Recipe.from_json(old).dedicated_qdq_pair is False
+    assert int8.Int8Recipe.from_json(int8.Int8Recipe().to_json()) == int8.Int8Recipe()
