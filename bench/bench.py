@@ -369,6 +369,7 @@ def run_bench(cfg: BenchConfig, log=lambda m: print(m, file=sys.stderr, flush=Tr
                 bar.total += cfg.warmup + cfg.runs + n_ex
                 baselines["transformers_bnb_nf4"] = bench_transformers(
                     "transformers bnb nf4", checkpoint, "nf4", cfg, examples, bandwidth, ref_preds, ref_name, bar)
+                baselines["transformers_bnb_nf4"]["source_from"] = src_origin
     return {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -195,8 +195,13 @@ def render_markdown(result: dict) -> str:
     L += ["## Baselines", ""]
     for key, b in result["baselines"].items():
         if b.get("available"):
-            L.append(f"- {key}: ran on {b['device']} from {b['checkpoint']} ({b.get('source_from', '')}); "
-                     f"quantization: {b['quantization']}.")
+            origin = f" ({b['source_from']})" if b.get("source_from") else ""
+            extra = ""
+            if b.get("nf4_generic_cpu_layers"):
+                extra = (f" {b['nf4_generic_cpu_layers']} linear layer(s) ran on bitsandbytes' generic CPU path "
+                         "(shapes its packed avx512-bf16 kernel cannot take).")
+            L.append(f"- {key}: ran on {b['device']} from {b['checkpoint']}{origin}; "
+                     f"quantization: {b['quantization']}.{extra}")
         else:
             L.append(f"- {key}: {b['reason']}")
     L += ["", "## Plots", "", "![per-stage latency](latency_stages.png)", "",

@@ -212,6 +212,7 @@ def test_scale_real_smoke(tmp_path):
     assert all(b["accuracy"]["applicable"] is False for b in result["bundles"])
     assert result["baselines"]["transformers_fp32_eager"]["available"]
     assert {b["precision"] for b in result["bundles"]} <= {"fp32", "int8"}
+    assert len(result["bundles"]) == 3  # fp32, int8, int8 + int4 LLM (the fast decode path)
 
 
 def test_gpu_check_without_gpu(tmp_path):
