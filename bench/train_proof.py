@@ -280,7 +280,8 @@ def evaluate(model, processor, examples) -> dict:
 
 
 def train(family: str, out: Path, seed: int = 0, steps: int | None = None, threads: int = 2,
-          val_every: int = 500, log=print, overrides: dict | None = None, device: str = "cpu") -> dict:
+          val_every: int = 500, log=print, overrides: dict | None = None, device: str = "cpu",
+          init: Path | None = None) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -290,6 +291,20 @@ def train(family: str, out: Path, seed: int = 0, steps: int | None = None, threa
     if overrides:
         spec = dataclasses.replace(spec, **overrides)
     model, processor = build(family, spec, seed)
+    if init is not None:  # continue from a saved proof model (a second stage with other weights/lr)
+        from safetensors.torch import load_file
+
+        state = {}
+        for f in sorted(Path(init).glob("*.safetensors")):
+            state.update(load_file(str(f)))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        sd = model.state_dict()  # tied weights (lm_head, T5's embed_tokens) are saved once
+        loaded = {sd[k].data_ptr() for k in state if k in sd}
+        missing = [k for k in missing if sd[k].data_ptr() not in loaded]
+        if missing or unexpected:
+            raise ValueError(f"--init {init}: checkpoint does not match the spec (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+        log(f"initialised from {init}")
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{family}: {n_params:,} parameters, spec {spec}")
@@ -383,7 +398,8 @@ def train(family: str, out: Path, seed: int = 0, steps: int | None = None, threa
         "threads": threads, "eval": {"n": EVAL_N, "seed": EVAL_SEED, **result},
         "val_history": history,
         "device": device, "versions": _versions(),
-        "command": _command(family, out, seed, steps, overrides, device, threads),
+        "command": _command(family, out, seed, steps, overrides, device, threads, init),
+        "init": str(init) if init else None,
     }
     (out / "eval_results.json").write_text(json.dumps(info, indent=2) + "\n")
     (out / "README.md").write_text(model_card(info))
@@ -399,14 +415,16 @@ def _versions() -> dict:
             "numpy": np.__version__}
 
 
-def _command(family, out, seed, steps, overrides=None, device="cpu", threads=2) -> str:
+def _command(family, out, seed, steps, overrides=None, device="cpu", threads=2, init=None) -> str:
     cmd = f"python -m ib_edge.bench.train_proof --family {family} --out {out} --seed {seed}"
     if threads != 2:
         cmd += f" --threads {threads}"
     if steps is not None:
         cmd += f" --steps {steps}"
     for k, v in (overrides or {}).items():
-        cmd += f" --set {k}={v}"
+        cmd += f" --set {k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+    if init is not None:
+        cmd += f" --init {init}"
     return cmd + (f" --device {device}" if device != "cpu" else "")
 
 
@@ -415,8 +433,10 @@ def _parse_override(text: str) -> tuple[str, object]:
     fields = {f.name: f.type for f in dataclasses.fields(TrainSpec)}
     if key not in fields:
         raise argparse.ArgumentTypeError(f"unknown spec field {key!r} (one of {sorted(fields)})")
-    kind = {"int": int, "float": float}[fields[key] if isinstance(fields[key], str) else fields[key].__name__]
-    return key, kind(value)
+    kind = fields[key] if isinstance(fields[key], str) else fields[key].__name__
+    if kind == "tuple":  # type_weights=1,2,0.5,2,1
+        return key, tuple(float(v) for v in value.split(","))
+    return key, {"int": int, "float": float}[kind](value)
 
 
 def model_card(info: dict) -> str:
@@ -507,10 +527,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", type=_parse_override, action="append", default=[],
                     metavar="FIELD=VALUE", help="override a TrainSpec field (experiments)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--init", type=Path, default=None, metavar="DIR",
+                    help="start from this saved proof model instead of a fresh init (a second training stage)")
     args = ap.parse_args(argv)
     info = train(args.family, args.out, seed=args.seed, steps=args.steps, threads=args.threads,
                  val_every=args.val_every, log=lambda m: print(m, flush=True),
-                 overrides=dict(args.overrides), device=args.device)
+                 overrides=dict(args.overrides), device=args.device, init=args.init)
     print(json.dumps({k: info[k] for k in ("parameters", "safetensors_bytes", "train_time_s")}))
     return 0
 
