@@ -57,6 +57,8 @@ def render_markdown(result: dict) -> str:
         L += ["## Shapes", "", sc["description"], ""]
         L += _table(["part", "shape"], [[k, v] for k, v in sc["shapes"].items()])
         L += ["Accuracy is not applicable: the weights are random. Latency, memory, sizes and drift are.", ""]
+        if sc.get("notes"):
+            L += ["Exports:", ""] + [f"- {n}" for n in sc["notes"]] + [""]
 
     L += ["## Machine", ""]
     gpu = hw["gpu"]

@@ -22,7 +22,10 @@ import dataclasses
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
+
+from . import measure
 
 REAL = {"vision_layers": 39, "qformer_layers": 12, "llm_layers": 22}
 
@@ -164,13 +167,26 @@ def prepare(spec: ScaleSpec, work_dir: Path, *, calib_images: int = 8, seed: int
     notes = []
     log(f"ib-bench: building a random-weight checkpoint at real shapes in {ckpt}")
     save_real_shape(ckpt, spec, seed)
+
+    def export(out, **kw):
+        """export_bundle, noting its wall time and the process's peak RSS while it ran."""
+        with measure.PeakMemory() as mem:
+            t0 = time.perf_counter()
+            export_bundle(str(ckpt), out, quiet=True, **kw)
+            dt = time.perf_counter() - t0
+        peak = mem.record()["peak_rss_mb"]
+        notes.append(f"export {Path(out).name}: {dt:.0f} s, peak RSS {peak / 1024:.1f} GB"
+                     + ("" if mem.reset else " (process-wide peak: the kernel could not reset it)")
+                     if peak is not None else f"export {Path(out).name}: {dt:.0f} s")
+        log(f"ib-bench: {notes[-1]}")
+
     log("ib-bench: exporting the fp32 bundle (same export path as any checkpoint)")
-    export_bundle(str(ckpt), bundles[0], precision="fp32", quiet=True)
+    export(bundles[0], precision="fp32")
     with tempfile.TemporaryDirectory() as tmp:
         calib = small_calibration_set(Path(tmp) / "calib", calib_images)
         log(f"ib-bench: exporting the int8 bundle (calibrated on {calib_images} shipped images)")
         try:
-            export_bundle(str(ckpt), bundles[1], precision="int8", calib=calib, quiet=True)
+            export(bundles[1], precision="int8", calib=calib)
         except DriftBudgetError as e:
             notes.append(f"int8 export refused by its drift budget, so no int8 bundle was timed: {e.line()}")
             log(f"ib-bench: {notes[-1]}")
@@ -180,8 +196,7 @@ def prepare(spec: ScaleSpec, work_dir: Path, *, calib_images: int = 8, seed: int
             # and the LLM packed to 4 bits (RTN: random weights, so no calibration to gain from)
             # for the fast int4 decode path.
             log("ib-bench: exporting the int8 + int4-LLM bundle (int8 recipes re-applied, LLM RTN 4-bit)")
-            export_bundle(str(ckpt), bundles[2], precision="int8", calib=calib, recipe_dir=bundles[1],
-                          llm_quant="rtn", group_size=128, quiet=True)
+            export(bundles[2], precision="int8", calib=calib, recipe_dir=bundles[1], llm_quant="rtn", group_size=128)
     stamp.write_text(json.dumps({"key": key, "bundles": [str(b) for b in bundles], "notes": notes}, indent=1) + "\n")
     return ckpt, bundles, notes
 
