@@ -103,7 +103,8 @@ def check_tokenizers(processor, manifest_model: dict, tok_paths: dict[str, Path]
 
 PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("onnxruntime", "tensorrt")
-LLM_QUANT = (None, "rtn", "gptq", "awq")
+LLM_QUANT = (None, "rtn", "gptq", "awq", "int8", "mixed")
+WEIGHT_ONLY = ("int8", "mixed")     # any LLM family, transformers runtime with low-bit kernels
 
 
 def _graph_record(path: Path, root: Path, spec, precision: str, opset: int) -> dict:
@@ -120,7 +121,7 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
                   opset: int = 18, seed: int = 0, calib: str | Path | None = None, calib_method: str = "minmax",
                   recipe_dir: str | Path | None = None, backend: str = "onnxruntime",
                   trt: dict | None = None, llm_quant: str | None = None, group_size: int = 128,
-                  quiet: bool = False) -> Path:
+                  llm_plan: str | Path | None = None, quiet: bool = False) -> Path:
     """Export ``model_ref`` into a bundle at ``out`` (replaced atomically if it exists).
 
     fp32: the validated graphs as exported. fp16/int8: the fp32 graphs are converted or
@@ -146,6 +147,13 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
         raise ExportError("--recipe re-applies INT8 recipes; use it with --precision int8")
     if llm_quant not in LLM_QUANT:
         raise ExportError(f"--llm-quant {llm_quant!r} is not supported (choose {', '.join(map(str, LLM_QUANT))})")
+    plan = None
+    if llm_plan is not None:
+        if llm_quant != "mixed":
+            raise ExportError("--llm-plan re-applies a weight-only LLM plan; use it with --llm-quant mixed")
+        from ib_edge.quant.weight_only import load_plan
+
+        plan = load_plan(llm_plan)
     if llm_quant in ("gptq", "awq"):
         import importlib.util
 
@@ -153,7 +161,7 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
             raise ExportError(f"--llm-quant {llm_quant} needs gptqmodel",
                               hint='pip install -c constraints.txt "gptqmodel==7.6.0"')
     calib_set = recipes = None
-    if precision != "fp32" or llm_quant in ("gptq", "awq"):  # check calibration inputs before the long work
+    if precision != "fp32" or llm_quant in ("gptq", "awq") + WEIGHT_ONLY:  # check calibration inputs first
         from ib_edge.quant.calibration import CalibrationSet
         from ib_edge.quant.int8 import Int8Recipe
 
@@ -174,9 +182,11 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
     try:
         log(f"[1/{n_steps}] loading {model_ref or 'proof-llama'}")
         model, processor, source = load_checkpoint(model_ref, revision)
-        if llm_quant and source["llm_family"] != "llama":
+        if llm_quant and llm_quant not in WEIGHT_ONLY and source["llm_family"] != "llama":
             raise ExportError(f"the 4-bit LLM path runs Llama-family LLMs (Vicuna); this one is "
-                              f"{source['llm_family']}", hint="export without --llm-quant")
+                              f"{source['llm_family']}",
+                              hint="use --llm-quant int8 or mixed (weight-only, any family), or export without "
+                                   "--llm-quant")
         artifacts: dict[str, dict] = {}
         graph_specs, fp32_paths = {}, {}
         fp32_dir = tmp if precision == "fp32" else tmp / ".fp32"
@@ -249,7 +259,13 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
             "tools": tool_versions(),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if llm_quant:
+        if llm_quant in WEIGHT_ONLY:
+            log(f"[{n_steps}/{n_steps}] weight-only LLM ({llm_quant}, int4 group size "
+                f"{plan['group_size'] if plan else group_size})")
+            manifest["artifacts"]["llm"] = weight_only_bundle_llm(tmp, manifest, llm_quant, group_size, calib_set,
+                                                                  log, plan=plan)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        elif llm_quant:
             log(f"[{n_steps}/{n_steps}] 4-bit LLM ({llm_quant}, group size {group_size})")
             manifest["artifacts"]["llm"] = quantize_bundle_llm(tmp, manifest, llm_quant, group_size, calib_set, log)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -296,6 +312,59 @@ def quantize_bundle_llm(root: Path, manifest: dict, method: str, group_size: int
     return {"dir": "llm", "files": files, "format": rec["format"], "format_version": rec["format_version"],
             "backend": "fastllm", "precision": "int4", "dtype": "float32",
             "family": manifest["artifacts"]["llm"]["family"], "quantization": rec, **extra}
+
+
+def weight_only_bundle_llm(root: Path, manifest: dict, mode: str, group_size: int, calib_set, log,
+                           plan: dict | None = None) -> dict:
+    """Weight-only LLM for any family: "int8" (every linear int8) or "mixed" (each linear int4,
+    int8 or fp32 as the measured-drift search chose; ``plan`` re-applies a saved one). The probe
+    runs on the bundle's own query embeddings + instructions (calibration split); the written
+    checkpoint is then loaded through the runtime and checked on the held-out split."""
+    from ib_edge.quant import llm_quant, weight_only
+
+    src, tmp_llm = root / "llm", root / ".llm-wo"
+    image_id = manifest["model"]["image_token_id"]
+    examples, calib_rec = llm_quant.multimodal_examples(root, calib_set)
+    heldout, held_rec = llm_quant.multimodal_examples(root, calib_set, heldout=True)
+    model = weight_only.load_fp32(src)
+    if plan is None:
+        probe = weight_only.LogitsProbe(model, examples, image_id)
+        log(f"      {mode}: measuring logits drift on {probe.tokens} calibration tokens "
+            f"({len(examples)} multimodal examples, fp32 greedy answers teacher-forced)")
+        plan = weight_only.make_plan(model, probe, mode, group_size, log)
+        plan["calibration"] = calib_rec
+    else:
+        log(f"      re-applying the saved plan ({plan['mode']}, group size {plan['group_size']})")
+    rec = weight_only.save_weight_only(model, src, tmp_llm, plan)
+    c = rec["counts"]
+    log(f"      LLM: {c['int4']} linears int4 (RTN, group {rec['group_size']}), {c['int8']} int8, {c['fp32']} fp32; "
+        f"lm_head {rec['lm_head']}")
+    for p in rec["promoted"]:
+        log(f"      promoted {p['name']} to {p['to']} (logits cosine then {p['logits_cosine_mean']:.5f}, "
+            f"decided top-1 {p['top1_agreement_decided']:.4f})")
+    d = rec["drift_calibration"]
+    log(f"      calibration drift: logits cosine mean {d['logits_cosine_mean']:.5f}, top-1 agreement "
+        f"{d['top1_agreement']:.4f} over {d['tokens']} tokens ({d['top1_agreement_decided']:.4f} over the "
+        f"{d['decided_tokens']} decided ones)")
+    held_probe = weight_only.LogitsProbe(model, heldout, image_id)
+    try:
+        v = weight_only.validate(tmp_llm, held_probe)
+    except weight_only.WeightOnlyError as e:
+        hint = ("export with --llm-quant int8, or calibrate on your own domain (--calib DIR)" if mode == "mixed"
+                else "export without --llm-quant (fp32 LLM), or calibrate on your own domain (--calib DIR)")
+        raise ExportError(str(e), hint=hint) from None
+    log(f"      held-out validation: logits cosine mean {v.cosine_mean:.5f}, top-1 agreement {v.top1:.4f} "
+        f"over {v.tokens} tokens, {v.top1_decided:.4f} over {v.decided} decided (budget cosine >= "
+        f"{weight_only.VALIDATION_BUDGET.min_cosine_mean}, decided top-1 >= {weight_only.VALIDATION_BUDGET.min_top1})")
+    rec["validation"] = {"reference": "fp32 LLM", "inputs": held_rec, **v.to_json(),
+                         "budget": dataclasses.asdict(weight_only.VALIDATION_BUDGET)}
+    rec["calibration"] = plan.get("calibration", calib_rec)
+    del model
+    shutil.rmtree(src)
+    os.replace(tmp_llm, src)
+    return {"dir": "llm", "files": _files(root, src), "format": rec["format"], "format_version": rec["format_version"],
+            "backend": "transformers", "precision": mode, "dtype": "float32",
+            "family": manifest["artifacts"]["llm"]["family"], "quantization": rec}
 
 
 def build_engines(artifacts: dict, root: Path, precision: str, source: dict, opts: dict, log) -> None:

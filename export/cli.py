@@ -1,7 +1,7 @@
 """ib-export: turn an InstructBLIP checkpoint into a deploy bundle.
 
     ib-export [MODEL] [--out DIR] [--precision fp32|fp16|int8] [--calib DIR] [--recipe DIR]
-              [--revision REV] [--opset 18]
+              [--llm-quant rtn|gptq|awq|int8|mixed] [--llm-plan PATH] [--revision REV] [--opset 18]
 
 MODEL is a shipped proof model (proof-llama, the default; proof-t5), a local checkpoint
 directory, or a hub id such as Salesforce/instructblip-vicuna-7b.
@@ -30,10 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="activation range calibration for int8")
     ap.add_argument("--recipe", default=None, metavar="DIR",
                     help="re-apply the int8 recipes saved in a bundle (DIR or DIR/recipes) instead of searching")
-    ap.add_argument("--llm-quant", default=None, choices=["rtn", "gptq", "awq"],
-                    help="4-bit LLM for the fast int4 runtime: rtn (round to nearest), gptq or awq (gptqmodel, "
-                         "calibrated on the bundle's own query embeddings + the calibration instructions)")
+    ap.add_argument("--llm-quant", default=None, choices=["rtn", "gptq", "awq", "int8", "mixed"],
+                    help="low-bit LLM. Llama family, fast int4 runtime: rtn (round to nearest), gptq or awq "
+                         "(gptqmodel, calibrated on the bundle's own query embeddings + the calibration "
+                         "instructions). Any family (T5, OPT, Llama), transformers runtime with low-bit kernels: "
+                         "int8 (weight-only, per channel) or mixed (each linear int4/int8/fp32, the most "
+                         "drift-sensitive kept in higher precision, chosen by measured logits drift)")
     ap.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256], help="4-bit group size")
+    ap.add_argument("--llm-plan", default=None, metavar="PATH",
+                    help="with --llm-quant mixed: re-apply a saved plan (a bundle, or its llm/quant_plan.json) "
+                         "instead of searching")
     ap.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                     help="onnxruntime: ONNX graphs (CPU, or CUDA/TensorRT through ORT providers); tensorrt: build "
                          "TensorRT engines for THIS machine's GPU (needs TensorRT; run it on the Jetson)")
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             path = export_bundle(args.model, out, precision=args.precision, revision=args.revision,
                                  opset=args.opset, seed=args.seed, calib=args.calib, calib_method=args.calib_method,
                                  recipe_dir=args.recipe, backend=args.backend, trt=trt, llm_quant=args.llm_quant,
-                                 group_size=args.group_size, quiet=args.quiet)
+                                 group_size=args.group_size, llm_plan=args.llm_plan, quiet=args.quiet)
         except ExportValidationError as e:
             print(f"ib-export: error: {e}", file=sys.stderr)
             return 1

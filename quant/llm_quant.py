@@ -42,13 +42,15 @@ class Example:
     query_embeds: np.ndarray | None         # [Q, D] float32; None: text-only
 
 
-def multimodal_examples(bundle_dir, calib, *, instructions_per_image: int = 2, max_images: int | None = None):
-    """(examples, record): the calibration split of ``calib`` (a CalibrationSet) through the
-    bundle's vision + Q-Former, each image paired with ``instructions_per_image`` instructions."""
+def multimodal_examples(bundle_dir, calib, *, instructions_per_image: int = 2, max_images: int | None = None,
+                        heldout: bool = False):
+    """(examples, record): the calibration split of ``calib`` (a CalibrationSet; with
+    ``heldout`` its held-out split, for validation) through the bundle's vision + Q-Former, each
+    image paired with ``instructions_per_image`` instructions."""
     from ib_edge.runtime import Pipeline
 
     pipe = Pipeline.load(bundle_dir)
-    images, _ = calib.split()
+    images = calib.split()[1 if heldout else 0]
     images = images[:max_images] if max_images else images
     out = []
     for i, img in enumerate(images):
@@ -57,8 +59,8 @@ def multimodal_examples(bundle_dir, calib, *, instructions_per_image: int = 2, m
             enc = pipe.prompts.encode(calib.instructions[(i * instructions_per_image + j) % len(calib.instructions)])
             q = pipe.query_embeds(emb, enc["qformer_input_ids"], enc["qformer_attention_mask"])
             out.append(Example(enc["input_ids"][0].astype(np.int64), q[0].astype(np.float32)))
-    return out, {"source": "multimodal", "calibration_sha256": calib.sha256, "images": len(images),
-                 "examples": len(out)}
+    return out, {"source": "multimodal", "split": "heldout" if heldout else "calibration",
+                 "calibration_sha256": calib.sha256, "images": len(images), "examples": len(out)}
 
 
 def text_examples(bundle_dir, calib):

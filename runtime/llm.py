@@ -54,8 +54,13 @@ class TransformersLLM:
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
         art = manifest.artifact("llm")
-        if art.get("format") != "safetensors":
+        from .lowbit import WO_FORMAT, WO_FORMAT_VERSION
+
+        if art.get("format") not in ("safetensors", WO_FORMAT):
             raise BundleError(f"LLM format {art.get('format')!r} is not supported by this runtime", hint=REBUILD)
+        if art.get("format") == WO_FORMAT and str(art.get("format_version")) != WO_FORMAT_VERSION:
+            raise BundleError(f"LLM format {WO_FORMAT} version {art.get('format_version')!r} is not supported "
+                              f"(this runtime reads {WO_FORMAT_VERSION})", hint=REBUILD)
         if threads:
             torch.set_num_threads(threads)
         path = manifest.path(art["dir"])
@@ -63,8 +68,13 @@ class TransformersLLM:
         self.image_token_id = int(manifest.model["image_token_id"])
         auto = transformers.AutoModelForSeq2SeqLM if self.is_encoder_decoder else transformers.AutoModelForCausalLM
         try:
-            self.model = auto.from_pretrained(str(path), dtype=getattr(torch, art.get("dtype", "float32")),
-                                              use_safetensors=True)
+            if art.get("format") == WO_FORMAT:  # weight-only int4/int8/fp32 linears on low-bit kernels
+                from .lowbit import load_weight_only
+
+                self.model = load_weight_only(path, encoder_decoder=self.is_encoder_decoder)
+            else:
+                self.model = auto.from_pretrained(str(path), dtype=getattr(torch, art.get("dtype", "float32")),
+                                                  use_safetensors=True)
         except (OSError, ValueError) as e:
             raise BundleError(f"cannot load the bundle's LLM: {str(e).splitlines()[0]}", hint=REBUILD) from None
         self.model.eval()
