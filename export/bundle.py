@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import datetime
 import json
 import os
@@ -121,7 +122,7 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
                   opset: int = 18, seed: int = 0, calib: str | Path | None = None, calib_method: str = "minmax",
                   recipe_dir: str | Path | None = None, backend: str = "onnxruntime",
                   trt: dict | None = None, llm_quant: str | None = None, group_size: int = 128,
-                  llm_plan: str | Path | None = None, quiet: bool = False) -> Path:
+                  llm_plan: str | Path | None = None, int8_stages: str = "all", quiet: bool = False) -> Path:
     """Export ``model_ref`` into a bundle at ``out`` (replaced atomically if it exists).
 
     fp32: the validated graphs as exported. fp16/int8: the fp32 graphs are converted or
@@ -143,6 +144,9 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
     if out.exists() and not (out / MANIFEST).is_file():
         raise ExportError(f"{out} exists and is not a bundle; refusing to replace it",
                           hint="choose another --out or remove it")
+    if int8_stages != "all" and (precision != "int8" or backend != "onnxruntime"):
+        raise ExportError("--int8-stages faster times stages on ONNX Runtime CPU; use it with --precision int8 "
+                          "and --backend onnxruntime")
     if recipe_dir is not None and precision != "int8":
         raise ExportError("--recipe re-applies INT8 recipes; use it with --precision int8")
     if llm_quant not in LLM_QUANT:
@@ -219,8 +223,13 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
         for rel in tokenizers.values():
             if not (tmp / rel).is_file():
                 raise ExportError(f"processor did not write {rel}; a fast (tokenizers) tokenizer is required")
-        del model
+        # Free the PyTorch model (ViT-g + LLM: ~9 GB at fp32 for the real shapes) before INT8
+        # calibration, which needs the fp32 ONNX graph twice over (ORT's augmented copy + session).
+        # The wrappers and torch.export's graphs keep references and may sit in reference cycles.
+        del model, module
+        gc.collect()
         extra: dict = {}
+        stage_precision: dict[str, str] = {}
         if precision != "fp32":
             from ib_edge.runtime.preprocess import PromptEncoder
 
@@ -229,8 +238,9 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
             log(f"[5/{n_steps}] {precision}: calibrating, quantizing and checking drift against fp32")
             prompts = PromptEncoder(tmp / tokenizers["llm"], tmp / tokenizers["qformer"], mrec)
             q = quantize_stages(precision, fp32_paths, tmp, preprocess=prep, prompts=prompts, calib=calib_set,
-                                method=calib_method, recipes=recipes, log=log)
+                                method=calib_method, recipes=recipes, int8_stages=int8_stages, log=log)
             for stage, rec in q["stages"].items():
+                stage_precision[stage] = rec.pop("precision", precision)
                 artifacts[stage].update(rec)
             if q["recipes"]:
                 (tmp / "recipes").mkdir()
@@ -241,7 +251,8 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
                      "reference": "fp32 graphs", "inputs": "held-out split of the calibration set"}}
             shutil.rmtree(fp32_dir)
         for stage, spec in graph_specs.items():
-            artifacts[stage] = {**_graph_record(tmp / f"{stage}.onnx", tmp, spec, precision, opset), **artifacts[stage]}
+            artifacts[stage] = {**_graph_record(tmp / f"{stage}.onnx", tmp, spec, stage_precision.get(stage, precision),
+                                                opset), **artifacts[stage]}
         if backend == "tensorrt":
             build_engines(artifacts, tmp, precision, source, trt or {}, log)
         log(f"[{n_steps - bool(llm_quant)}/{n_steps}] checking tokenizers and writing manifest")

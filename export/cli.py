@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "set. Calibrating on your own domain is recommended")
     ap.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile"],
                     help="activation range calibration for int8")
+    ap.add_argument("--int8-stages", default="all", choices=["all", "faster"],
+                    help="with --precision int8: all (every stage int8, as TensorRT wants) or faster (time each "
+                         "stage's int8 and fp32 graphs on this machine's ONNX Runtime CPU and keep fp32 where int8 "
+                         "is not faster: on x86 CPUs the int8 Q-Former is)")
     ap.add_argument("--recipe", default=None, metavar="DIR",
                     help="re-apply the int8 recipes saved in a bundle (DIR or DIR/recipes) instead of searching")
     ap.add_argument("--llm-quant", default=None, choices=["rtn", "gptq", "awq", "int8", "mixed"],
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             path = export_bundle(args.model, out, precision=args.precision, revision=args.revision,
                                  opset=args.opset, seed=args.seed, calib=args.calib, calib_method=args.calib_method,
                                  recipe_dir=args.recipe, backend=args.backend, trt=trt, llm_quant=args.llm_quant,
-                                 group_size=args.group_size, llm_plan=args.llm_plan, quiet=args.quiet)
+                                 group_size=args.group_size, llm_plan=args.llm_plan,
+                                 int8_stages=args.int8_stages, quiet=args.quiet)
         except ExportValidationError as e:
             print(f"ib-export: error: {e}", file=sys.stderr)
             return 1

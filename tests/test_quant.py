@@ -224,3 +224,59 @@ def test_old_recipes_reapply_without_dedicated_pairs():
     old = {"op_types": ["MatMul"], "exclude": [], "method": "minmax"}
     assert int8.Int8Recipe.from_json(old).dedicated_qdq_pair is False
     assert int8.Int8Recipe.from_json(int8.Int8Recipe().to_json()) == int8.Int8Recipe()
+
+
+def test_int8_stages_faster_keeps_fp32_where_int8_is_slower(reference_dir, bundle_dir, tmp_path, monkeypatch):
+    """--int8-stages faster: a stage whose INT8 graph times slower than fp32 ships the fp32 graph
+    (byte-identical to the fp32 bundle's), recorded with both timings; the other stays INT8 and
+    the runtime runs the mixed bundle. Timing is stubbed so the decision is known in advance."""
+    import hashlib
+
+    from ib_edge.export import quantize
+    from ib_edge.export.bundle import export_bundle
+
+    def fake_time(path, feed, runs=quantize.SPEED_RUNS, threads=None):
+        slow_int8 = "qformer" in path.name and ".fp32" not in str(path)
+        return 5.0 if slow_int8 else (4.0 if "qformer" in path.name else (9.0 if ".fp32" in str(path) else 3.0))
+
+    monkeypatch.setattr(quantize, "time_graph", fake_time)
+    out = export_bundle(str(reference_dir("llama")), tmp_path / "faster", precision="int8", int8_stages="faster",
+                        quiet=True)
+    m = json.loads((out / "manifest.json").read_text())
+    vis, qf = m["artifacts"]["vision"], m["artifacts"]["qformer"]
+    assert vis["precision"] == "int8" and vis["speed_check"] == {**vis["speed_check"], "fp32_ms": 9.0, "int8_ms": 3.0,
+                                                                 "shipped": "int8"}
+    assert qf["precision"] == "fp32" and qf["speed_check"]["shipped"] == "fp32"
+    assert qf["drift"]["cosine_min"] == 1.0
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(out / "qformer.onnx") == digest(bundle_dir("llama") / "qformer.onnx")
+    assert (out / "recipes" / "qformer.int8.json").is_file()   # still re-appliable with --recipe
+    pipe = Pipeline.load(out)
+    from PIL import Image
+
+    assert pipe.generate(Image.new("RGB", (40, 40), (200, 30, 30)), "What is this?", max_new_tokens=3) is not None
+
+
+def test_int8_stages_needs_int8_on_onnxruntime(reference_dir, tmp_path):
+    from ib_edge.export.bundle import ExportError, export_bundle
+
+    with pytest.raises(ExportError, match="int8-stages"):
+        export_bundle(str(reference_dir("llama")), tmp_path / "x", precision="fp16", int8_stages="faster", quiet=True)
+
+
+def test_time_graph_measures(bundle_dir):
+    from ib_edge.export.quantize import time_graph
+
+    ms = time_graph(bundle_dir("llama") / "qformer.onnx", _qformer_feed(bundle_dir("llama")), runs=3)
+    assert 0 < ms < 10_000
+
+
+def _qformer_feed(bundle):
+    from ib_edge.runtime.manifest import Manifest
+
+    m = Manifest.load(bundle)
+    feed = {}
+    for t in m.artifact("qformer")["inputs"]:
+        shape = [d if isinstance(d, int) else 1 if i == 0 else 5 for i, d in enumerate(t["shape"])]
+        feed[t["name"]] = (np.ones(shape, np.int64) if "int" in t["dtype"] else np.zeros(shape, np.float32))
+    return feed
