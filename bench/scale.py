@@ -175,7 +175,7 @@ def prepare(spec: ScaleSpec, work_dir: Path, *, calib_images: int = 8, seed: int
             export_bundle(str(ckpt), out, quiet=True, **kw)
             dt = time.perf_counter() - t0
         peak = mem.record()["peak_rss_mb"]
-        notes.append(f"export {Path(out).name}: {dt:.0f} s, peak RSS {peak / 1024:.1f} GB"
+        notes.append(f"export {Path(out).name}: {dt:.0f} s, peak RSS {peak / 1024:.1f} GiB"
                      + ("" if mem.reset else " (process-wide peak: the kernel could not reset it)")
                      if peak is not None else f"export {Path(out).name}: {dt:.0f} s")
         log(f"ib-bench: {notes[-1]}")
