@@ -495,15 +495,7 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = 64, prompt_len: int 
                       max_position_embeddings=a.max_positions, eos_token_id=None, pad_token_id=0)
     torch.manual_seed(0)
     hf = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        hf.generate(inputs_embeds=emb, max_new_tokens=2, do_sample=False, min_new_tokens=2)  # warm-up
-        t0 = time.perf_counter()
-        hf.generate(inputs_embeds=emb, max_new_tokens=1, do_sample=False, min_new_tokens=1)
-        hf_prefill = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = hf.generate(inputs_embeds=emb, max_new_tokens=hf_tokens, min_new_tokens=hf_tokens, do_sample=False)
-        hf_total = time.perf_counter() - t0
-    hf_tps = (out.shape[1] - 1) / (hf_total - hf_prefill)
+    _, hf_tps = _hf_decode(hf, emb, hf_tokens)
     achieved = per_tok * int4_tps
     nf4 = _nf4_decode(hf, emb, hf_tokens) if nf4 else {"measured": False, "reason": "--no-nf4"}
     del hf
@@ -536,16 +528,24 @@ def _nf4_decode(hf, emb: torch.Tensor, n_tokens: int) -> dict:
         q = LlamaForCausalLM.from_pretrained(d, quantization_config=cfg, device_map={"": "cpu"},
                                              dtype=torch.float32).eval()
         load_s = time.perf_counter() - t0
-    with torch.no_grad():
-        q.generate(inputs_embeds=emb, max_new_tokens=2, do_sample=False, min_new_tokens=2)  # warm-up (packs weights)
-        t0 = time.perf_counter()
-        q.generate(inputs_embeds=emb, max_new_tokens=1, do_sample=False, min_new_tokens=1)
-        prefill = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = q.generate(inputs_embeds=emb, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False)
-        total = time.perf_counter() - t0
+    prefill, tps = _hf_decode(q, emb, n_tokens)
     return {"measured": True, "bitsandbytes": bitsandbytes.__version__, "load_s": round(load_s, 1),
-            "prefill_ms": round(prefill * 1e3, 1), "decode_tok_s": round((out.shape[1] - 1) / (total - prefill), 2)}
+            "prefill_ms": round(prefill * 1e3, 1), "decode_tok_s": round(tps, 2)}
+
+
+def _hf_decode(model, emb: torch.Tensor, n_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode tokens/s) of a transformers model's greedy ``generate`` on
+    ``emb``, after a warm-up (first-call costs; bitsandbytes packs its weights there)."""
+    def run(n):
+        t0 = time.perf_counter()
+        out = model.generate(inputs_embeds=emb, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - t0, out.shape[1]
+
+    with torch.no_grad():
+        run(2)
+        prefill, _ = run(1)
+        total, produced = run(n_tokens)
+    return prefill, (produced - 1) / (total - prefill)
 
 
 def main(argv: list[str] | None = None) -> int:

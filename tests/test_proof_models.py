@@ -104,12 +104,17 @@ def test_quantized_accuracy_within_half_a_point(name, precision, predictions, ev
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_4bit_llm_agrees_with_fp32(method, predictions, eval_examples):
     """4-bit LLM (fp32 vision and Q-Former): >= 98% identical greedy answers, accuracy within 1 point."""
+    _check_llm_agreement("proof-llama", method, predictions, eval_examples)
+
+
+def _check_llm_agreement(name, llm_quant, predictions, eval_examples):
+    """>= 98% of greedy answers identical to the fp32 bundle's, task accuracy within 1 point."""
     seed, examples = eval_examples
-    ref, q = predictions("proof-llama"), predictions("proof-llama", "fp32", method)
+    ref, q = predictions(name), predictions(name, "fp32", llm_quant)
     agree = sum(a == b for a, b in zip(ref, q))
-    print(f"proof-llama {method} seed {seed}: identical {agree}/{len(examples)}, accuracy "
+    print(f"{name} {llm_quant} seed {seed}: identical {agree}/{len(examples)}, accuracy "
           f"{_accuracy(q, examples):.2f}% vs fp32 {_accuracy(ref, examples):.2f}%")
-    assert agree >= 0.98 * len(examples), f"{method}: {agree}/{len(examples)} answers identical to fp32"
+    assert agree >= 0.98 * len(examples), f"{llm_quant}: {agree}/{len(examples)} answers identical to fp32"
     assert _accuracy(q, examples) >= _accuracy(ref, examples) - 1.0
 
 
@@ -147,13 +152,7 @@ def test_t5_weight_only_llm_agrees_with_fp32(mode, predictions, eval_examples):
     int8 1000, mixed (36 linears int4 g128, lm_head int8) 999 identical (an all-int4 plan is
     refused by the export's held-out validation: logits cosine 0.99794 < 0.998); with the first
     proof-t5, int8 997 and mixed 999. At <= 0.5% disagreement the chance of 7+ in 300 is below 1e-3."""
-    seed, examples = eval_examples
-    ref, q = predictions("proof-t5"), predictions("proof-t5", "fp32", mode)
-    agree = sum(a == b for a, b in zip(ref, q))
-    print(f"proof-t5 {mode} seed {seed}: identical {agree}/{len(examples)}, accuracy "
-          f"{_accuracy(q, examples):.2f}% vs fp32 {_accuracy(ref, examples):.2f}%")
-    assert agree >= 0.98 * len(examples), f"{mode}: {agree}/{len(examples)} answers identical to fp32"
-    assert _accuracy(q, examples) >= _accuracy(ref, examples) - 1.0
+    _check_llm_agreement("proof-t5", mode, predictions, eval_examples)
 
 
 def test_t5_mixed_bundle_runs_every_decoding_mode(proof_bundle, eval_examples):
