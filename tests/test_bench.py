@@ -4,7 +4,6 @@ check script on a machine without a GPU."""
 from __future__ import annotations
 
 import importlib.util
-
 import json
 import os
 import re
