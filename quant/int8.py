@@ -90,27 +90,59 @@ def _large(path: Path) -> bool:
 
 
 def apply(fp32_path: Path, out_path: Path, recipe: Int8Recipe, calib_feeds: list[dict[str, np.ndarray]]) -> Path:
-    """Quantize ``fp32_path`` per ``recipe`` with ``calib_feeds``; write a Q/DQ graph to ``out_path``."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    """Quantize ``fp32_path`` per ``recipe`` with ``calib_feeds``; write a Q/DQ graph to ``out_path``.
+
+    Two phases, so that at most one copy of the fp32 weights is alive at a time: the ranges are
+    collected first (ORT's own calibrator, then freed) and handed to ``quantize_static`` as a
+    calibration cache. Called in one go, ``quantize_static`` keeps its shape-inferred model
+    while the calibrator holds the augmented copy and its session: three copies of ViT-g's
+    3.9 GB of weights (measured 16.2 GiB peak at full depth)."""
+    import tempfile
+
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     if recipe.method not in METHODS:
         raise ValueError(f"calibration method {recipe.method!r}: use one of {METHODS}")
     _quiet_ort_quantization()
-    method = CalibrationMethod.MinMax if recipe.method == "minmax" else CalibrationMethod.Percentile
-    extra = {"ActivationSymmetric": recipe.symmetric, "WeightSymmetric": True}
-    if recipe.method == "percentile":
-        extra["CalibPercentile"] = recipe.percentile
-    extra["CalibTensorRangeSymmetric"] = recipe.symmetric
-    extra["DedicatedQDQPair"] = recipe.dedicated_qdq_pair
-    quantize_static(
-        str(fp32_path), str(out_path), _Reader(calib_feeds),
-        quant_format=QuantFormat.QDQ, op_types_to_quantize=list(recipe.op_types),
-        per_channel=recipe.per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-        nodes_to_exclude=list(recipe.exclude), use_external_data_format=_large(fp32_path),
-        calibrate_method=method, extra_options=extra,
-        calibration_providers=["CPUExecutionProvider"],
-    )
+    extra = {"ActivationSymmetric": recipe.symmetric, "WeightSymmetric": True,
+             "DedicatedQDQPair": recipe.dedicated_qdq_pair}
+    with tempfile.TemporaryDirectory(prefix="ib-edge-calib.") as tmp:
+        cache = Path(tmp) / "ranges.json"
+        method = calibrate(fp32_path, recipe, calib_feeds, cache, Path(tmp) / "augmented.onnx")
+        quantize_static(
+            str(fp32_path), str(out_path), None,
+            quant_format=QuantFormat.QDQ, op_types_to_quantize=list(recipe.op_types),
+            per_channel=recipe.per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(recipe.exclude), use_external_data_format=_large(fp32_path),
+            calibrate_method=method, extra_options=extra, calibration_cache_path=str(cache),
+        )
     return Path(out_path)
+
+
+def calibrate(fp32_path: Path, recipe: Int8Recipe, calib_feeds: list[dict[str, np.ndarray]],
+              cache_path: Path, augmented_path: Path):
+    """Collect activation ranges of ``recipe.op_types``' inputs and outputs with ONNX Runtime's
+    calibrator, save them to ``cache_path`` (ORT's calibration-cache JSON) and free everything.
+    Returns the ORT CalibrationMethod. The augmented proto is dropped as soon as its session
+    exists (MinMax and Percentile only read the session afterwards)."""
+    import gc
+
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+
+    method = CalibrationMethod.MinMax if recipe.method == "minmax" else CalibrationMethod.Percentile
+    options = {"symmetric": recipe.symmetric}
+    if recipe.method == "percentile":
+        options["percentile"] = recipe.percentile
+    calibrator = create_calibrator(Path(fp32_path), list(recipe.op_types), augmented_model_path=str(augmented_path),
+                                   calibrate_method=method, use_external_data_format=_large(fp32_path),
+                                   providers=["CPUExecutionProvider"], extra_options=options)
+    calibrator.model = None
+    gc.collect()
+    calibrator.collect_data(_Reader(calib_feeds))
+    save_tensors_data(calibrator.compute_data(), cache_path)
+    del calibrator
+    gc.collect()
+    return method
 
 
 def _session(model, opts):

@@ -281,3 +281,30 @@ def _qformer_feed(bundle):
         shape = [d if isinstance(d, int) else 1 if i == 0 else 5 for i, d in enumerate(t["shape"])]
         feed[t["name"]] = (np.ones(shape, np.int64) if "int" in t["dtype"] else np.zeros(shape, np.float32))
     return feed
+
+
+@pytest.mark.parametrize("method", int8.METHODS)
+def test_two_phase_apply_equals_one_shot_quantize_static(bundle_dir, tmp_path, method):
+    """apply() calibrates first and hands ORT the ranges as a calibration cache (so the fp32
+    weights are not held three times at once); the Q/DQ graph must be byte-identical to ORT's
+    own one-shot quantize_static with the same options."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from ib_edge.export.quantize import _vision_feeds
+    from ib_edge.quant.calibration import CalibrationSet
+
+    d = bundle_dir("llama")
+    feeds = _vision_feeds(CalibrationSet.load().split()[0][:4], Pipeline.load(d).manifest.preprocess)
+    recipe = int8.Int8Recipe(method=method, exclude=(next(iter(int8.candidate_nodes(d / "vision.onnx",
+                                                                                      int8.DEFAULT_OP_TYPES))),))
+    int8.apply(d / "vision.onnx", tmp_path / "two.onnx", recipe, feeds)
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "DedicatedQDQPair": True,
+             "CalibTensorRangeSymmetric": True}
+    if method == "percentile":
+        extra["CalibPercentile"] = recipe.percentile
+    quantize_static(str(d / "vision.onnx"), str(tmp_path / "one.onnx"), int8._Reader(feeds),
+                    quant_format=QuantFormat.QDQ, op_types_to_quantize=list(recipe.op_types), per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=list(recipe.exclude),
+                    calibrate_method=CalibrationMethod.MinMax if method == "minmax" else CalibrationMethod.Percentile,
+                    extra_options=extra)
+    assert (tmp_path / "two.onnx").read_bytes() == (tmp_path / "one.onnx").read_bytes()
