@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-baselines", action="store_true", help="skip the transformers baselines")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime and torch")
     ap.add_argument("--providers", default=None, help="ONNX Runtime providers, e.g. cuda,cpu (default cpu)")
-    ap.add_argument("--bandwidth-mb", type=int, default=d.bandwidth_mb, help="array size of the bandwidth copy")
+    ap.add_argument("--bandwidth-mb", type=int, default=d.bandwidth_mb, help="array size of the bandwidth measurement")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--scale", choices=["real"], default=None,
                     help="real: random-weight models at InstructBLIP's real shapes instead of --bundle "

@@ -70,10 +70,12 @@ def render_markdown(result: dict) -> str:
         ["GPU", gpu.get("name", "none") + ("" if gpu.get("available") else f" (not used: {gpu.get('reason')})")],
         ["software", ", ".join(f"{k} {v}" for k, v in sw.items() if v)],
         ["ONNX Runtime providers", ", ".join(hw["onnxruntime_providers"])],
-        ["memory bandwidth", f"{bw['gb_per_s']:.1f} GB/s ({bw['method']}, {bw['array_mb']} MB arrays)"],
+        ["memory bandwidth", f"{bw['gb_per_s']:.1f} GB/s read ({bw['method']}, {bw['array_mb']} MB, "
+                             f"{bw.get('threads', '?')} threads)"
+         + (f"; {bw['copy_gb_per_s']:.1f} GB/s {bw['copy_method']}" if "copy_gb_per_s" in bw else "")],
     ])
-    L += ["Bandwidth is what a streaming copy achieves here; decode of a large LLM cannot beat "
-          "bandwidth / bytes of weights per token (see Decode).", ""]
+    L += ["Read bandwidth is what streaming reads achieve here with the LLM's thread count; decode of a large LLM "
+          "cannot beat read bandwidth / bytes of weights per token (see Decode).", ""]
     load = (hw.get("load_average") or [0])[0]
     if load > 0.5 * (hw.get("cpus_usable") or 1):
         L += [f"**Warning: the machine was busy at the start (load {load:.1f} on {hw['cpus_usable']} cores).** "
