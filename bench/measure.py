@@ -162,9 +162,10 @@ def memory_bandwidth(size_mb: int = 256, repeats: int = 5, threads: int | None =
     """DRAM read bandwidth, the denominator of the decode bound (decode reads every weight once
     per token and writes almost nothing): ``torch.sum`` over a ``size_mb`` float32 array on
     ``threads`` threads (default: torch's current count, as the LLM runs), best of ``repeats``,
-    bytes read. Also a one-core numpy copy (bytes read + written) for reference: measured on
-    this 2-core machine it gives ~60% of the 2-thread read figure, so a bound built on it
-    flatters the decode path."""
+    bytes read. Also a one-core numpy copy (bytes read + written) for reference; it reads lower
+    (one run here: copy 20.6 GB/s, read 26.8 GB/s), so a bound built on it flatters the decode
+    path. The read figure varies between processes on this shared 2-core host (27-50 GB/s seen
+    on one day); the report prints the one it used."""
     import torch
 
     n = max(1, size_mb * 2**20 // 4)

@@ -13,8 +13,8 @@ image_embeds ~1e-5 and int8 calibration meaningless), so task accuracy is not ap
 latency, memory, sizes and drift are. ``ScaleSpec.with_layers(n)`` keeps every width and cuts
 the depth of all three parts to at most ``n`` layers, for smoke tests.
 
-The full run needs ~15 GB of RAM and many minutes (exporting ViT-g through dynamo is the
-slow part); ``--scale-dir`` keeps the checkpoint and bundles for reuse.
+The full run's exports peak at ~11 GB of RAM (measured) and take many minutes (exporting ViT-g
+through dynamo is the slow part); ``--scale-dir`` keeps the checkpoint and bundles for reuse.
 """
 from __future__ import annotations
 

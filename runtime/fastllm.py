@@ -477,6 +477,7 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = 64, prompt_len: int 
     total = time.perf_counter() - t0
     int4_tps = (len(ids) - 1) / (total - prefill_s)
     per_tok = model.weight_bytes_per_token()
+    split = _linears_alone(model)
     rss_int4 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     del model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -495,10 +496,38 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = 64, prompt_len: int 
             "int4_decode_tok_s": round(int4_tps, 2), "transformers_fp32_decode_tok_s": round(hf_tps, 2),
             "speedup": round(int4_tps / hf_tps, 2), "int4_weight_MB_per_token": round(per_tok / 1e6, 1),
             "achieved_GB_s": round(achieved / 1e9, 2), "read_bandwidth_GB_s": round(bw / 1e9, 2),
-            "pct_of_bandwidth_bound": round(100 * achieved / bw, 1), "peak_rss_int4_MB": round(rss_int4),
+            "pct_of_bandwidth_bound": round(100 * achieved / bw, 1),
+            "decode_ms_per_token": round(1e3 / int4_tps, 2), **split, "peak_rss_int4_MB": round(rss_int4),
             "peak_rss_total_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "transformers_bnb_nf4": nf4,
             **({"speedup_vs_nf4": round(int4_tps / nf4["decode_tok_s"], 2)} if nf4.get("measured") else {})}
+
+
+def _linears_alone(model: FastLlama, repeats: int = 3) -> dict:
+    """Where a decode step's time goes: every linear of the model run once on a 1-token input
+    (the kernels alone, weights streamed from DRAM as in decode), and a plain ``torch.sum`` over
+    the same packed int4 buffers (what reading those bytes costs at best)."""
+    lins = [m for m in model.modules() if isinstance(m, (Int4Linear, nn.Linear))]
+    xs = {m.in_features: torch.randn(1, m.in_features) for m in lins}
+    packed = [m.packed for m in lins if isinstance(m, Int4Linear)]
+
+    def best(fn):
+        fn()
+        t = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            t = min(t, time.perf_counter() - t0)
+        return t
+
+    with torch.no_grad():
+        t_lin = best(lambda: [m(xs[m.in_features]) for m in lins])
+    t_read = best(lambda: [p.view(torch.float32).sum() for p in packed])
+    n_packed = sum(p.numel() * p.element_size() for p in packed)
+    n_lin = sum(linear_bytes(m) for m in lins)
+    return {"linears_alone_ms_per_token": round(t_lin * 1e3, 2),
+            "linears_alone_GB_s": round(n_lin / t_lin / 1e9, 2),
+            "sum_over_packed_int4_GB_s": round(n_packed / t_read / 1e9, 2)}
 
 
 def _nf4_decode(hf, emb: torch.Tensor, n_tokens: int) -> dict:

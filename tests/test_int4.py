@@ -202,6 +202,8 @@ def test_decode_bench_smoke():
     res = fastllm.bench("smoke", group_size=64, prompt_len=8, new_tokens=24, hf_tokens=12)
     assert res["int4_decode_tok_s"] > 0 and res["transformers_fp32_decode_tok_s"] > 0
     assert res["int4_weight_MB_per_token"] > 0 and res["read_bandwidth_GB_s"] > 0
+    # the linears alone cannot take longer than a whole decode step that runs them all
+    assert 0 < res["linears_alone_ms_per_token"] < 1.5 * res["decode_ms_per_token"]
     nf4 = res["transformers_bnb_nf4"]
     assert nf4["measured"] == (importlib.util.find_spec("bitsandbytes") is not None), nf4
     if nf4["measured"]:
