@@ -232,6 +232,17 @@ class FastLlama(nn.Module):
         self.v_cache = [torch.zeros(shape) for _ in range(a.n_layers)]
         self.max_len = max_len
 
+    def expand_cache(self, batch: int) -> None:
+        """Copy a batch-1 cache (after a prefill) to ``batch`` rows, e.g. one per beam."""
+        self.k_cache = [kc.expand(batch, -1, -1, -1).contiguous() for kc in self.k_cache]
+        self.v_cache = [vc.expand(batch, -1, -1, -1).contiguous() for vc in self.v_cache]
+
+    def reorder_cache(self, rows: torch.Tensor) -> None:
+        """Row i of every cache becomes old row ``rows[i]`` (beam search's survivors)."""
+        for kc, vc in zip(self.k_cache, self.v_cache):
+            kc.copy_(kc.index_select(0, rows))
+            vc.copy_(vc.index_select(0, rows))
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
         t = x.shape[1]
@@ -288,6 +299,74 @@ def generate(model: FastLlama, inputs_embeds: torch.Tensor, *, max_new_tokens: i
             return out
         logits = model(model.embed.weight[tok].view(1, 1, -1), pos)[0]
         pos += 1
+
+
+@torch.no_grad()
+def beam_search(model: FastLlama, inputs_embeds: torch.Tensor, *, num_beams: int, max_new_tokens: int,
+                eos_ids=(), length_penalty: float = 1.0, early_stopping: bool | str = False,
+                on_prefill=None) -> list[int]:
+    """transformers' beam search (its vectorized v5 algorithm, batch 1; defaults as transformers':
+    length_penalty 1.0, early_stopping False) on the static KV cache: one prefill, the cache
+    copied to ``num_beams`` rows, then one batched decode step per token with the cache rows
+    reordered to the surviving beams. Returns the best finished hypothesis' new tokens (its EOS
+    included, as transformers returns it)."""
+    if inputs_embeds.shape[0] != 1:
+        raise InputError("the fast LLM runtime generates for batch size 1")
+    t = inputs_embeds.shape[1]
+    model.setup_cache(t + max_new_tokens, batch=1)
+    logits = model(inputs_embeds.float(), 0)            # [1, V]
+    if on_prefill is not None:
+        on_prefill()
+    model.expand_cache(num_beams)
+    vocab = logits.shape[-1]
+    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long)
+    keep = max(2, 1 + len(eos)) * num_beams              # candidates kept per step, as transformers
+    top_mask = torch.arange(keep) < num_beams
+    running = torch.zeros(num_beams, max_new_tokens, dtype=torch.long)
+    running_scores = torch.full((num_beams,), -1.0e9)
+    running_scores[0] = 0.0                              # all beams start equal: only the first counts
+    finished = running.clone()
+    finished_scores = torch.full((num_beams,), -1.0e9)
+    finished_len = torch.zeros(num_beams, dtype=torch.long)
+    finished_done = torch.zeros(num_beams, dtype=torch.bool)
+    improvable = True
+    logits = logits.expand(num_beams, -1)
+    cur = 0
+    while True:
+        acc = (F.log_softmax(logits.float(), dim=-1) + running_scores[:, None]).reshape(-1)
+        top_lp, top_idx = torch.topk(acc, keep)
+        src, tok = top_idx // vocab, top_idx % vocab
+        cand = running[src].clone()
+        cand[:, cur] = tok
+        hits = torch.isin(tok, eos) | (cur + 1 >= max_new_tokens)
+        # the best num_beams unfinished candidates continue
+        run_lp = top_lp + hits.float() * -1.0e9
+        nxt = torch.topk(run_lp, num_beams).indices
+        running, running_scores, rows = cand[nxt], run_lp[nxt], src[nxt]
+        # candidates among the top num_beams that just finished compete for the finished slots
+        just = hits & top_mask
+        score = top_lp / ((cur + 1) ** length_penalty)
+        if early_stopping is True and bool(finished_done.all()):
+            score = score - 1.0e9
+        if not improvable:
+            score = score - 1.0e9
+        score = score + (~just).float() * -1.0e9
+        merged = torch.topk(torch.cat([finished_scores, score]), num_beams).indices
+        finished = torch.cat([finished, cand])[merged]
+        finished_scores = torch.cat([finished_scores, score])[merged]
+        finished_len = torch.cat([finished_len, torch.full((keep,), cur + 1)])[merged]
+        finished_done = torch.cat([finished_done, just])[merged]
+        cur += 1
+        best_len = max_new_tokens if (early_stopping == "never" and length_penalty > 0.0) else cur
+        best_running = running_scores[0] / (best_len ** length_penalty)
+        worst_finished = torch.where(finished_done, finished_scores.min(), torch.tensor(-1.0e9))
+        improvable = improvable and bool((best_running > worst_finished).any())
+        open_beam = not (bool(finished_done.all()) and early_stopping is True)
+        if not (improvable and open_beam and not bool(hits.all())):
+            break
+        model.reorder_cache(rows)
+        logits = model(model.embed(running[:, cur - 1]).view(num_beams, 1, -1), t + cur - 1)
+    return [int(x) for x in finished[0, :int(finished_len[0])]]
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -392,25 +471,36 @@ class FastLLM:
 
         if max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
-        if num_beams != 1:
-            raise InputError("the fast int4 LLM runtime does not do beam search; use --num-beams 1")
+        if num_beams < 1:
+            raise InputError("num_beams must be at least 1")
+        if num_beams > 1 and (temperature > 0 or top_p < 1.0):
+            raise InputError("sampling (--temperature/--top-p) and beam search (--num-beams) exclude each other")
         if not bool((attention_mask == 1).all()):
             raise InputError("the fast LLM runtime takes unpadded prompts (attention_mask all ones)")
-        streamer = _Streamer(decode, on_text)
-        streamer.put(input_ids)  # skipped: the prompt
+        embeds = self.embeds(query_embeds, input_ids)
         first = []
         t0 = time.perf_counter()
+        if num_beams > 1:  # as transformers: no streaming with beams, the text comes at the end
+            with torch.no_grad():
+                ids = beam_search(self.model, embeds, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                  eos_ids=self.eos_ids, on_prefill=lambda: first.append(time.perf_counter()))
+            t1 = time.perf_counter()
+            if on_text is not None:
+                on_text(decode(ids))
+        else:
+            streamer = _Streamer(decode, on_text)
+            streamer.put(input_ids)  # skipped: the prompt
 
-        def on_token(tok):
-            if not first:
-                first.append(time.perf_counter())
-            streamer.put(torch.tensor([tok]))
+            def on_token(tok):
+                if not first:
+                    first.append(time.perf_counter())
+                streamer.put(torch.tensor([tok]))
 
-        with torch.no_grad():
-            ids = generate(self.model, self.embeds(query_embeds, input_ids), max_new_tokens=max_new_tokens,
-                           eos_ids=self.eos_ids, temperature=temperature, top_p=top_p, seed=seed, on_token=on_token)
-        t1 = time.perf_counter()
-        streamer.end()
+            with torch.no_grad():
+                ids = generate(self.model, embeds, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
+                               temperature=temperature, top_p=top_p, seed=seed, on_token=on_token)
+            t1 = time.perf_counter()
+            streamer.end()
         self.timings = {"prefill": (first[0] - t0) * 1e3, "decode": (t1 - first[0]) * 1e3,
                         "new_tokens": float(len(ids))}
         return ids

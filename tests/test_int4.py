@@ -190,8 +190,35 @@ def test_fast_llm_stage_matches_transformers_stage(reference_lm, tmp_path):
     assert a == b
     assert "".join(texts) == " ".join(map(str, a))
     assert set(ours.timings) == {"prefill", "decode", "new_tokens"}
+    beams = []
+    a = ours.generate(q, ids, mask, decode=lambda t: " ".join(map(str, t)), max_new_tokens=10, num_beams=3,
+                      on_text=beams.append)
+    assert a == ref.generate(q, ids, mask, decode=str, max_new_tokens=10, num_beams=3)
+    assert beams == [" ".join(map(str, a))]
     with pytest.raises(InputError, match="beam"):
-        ours.generate(q, ids, mask, decode=str, num_beams=2)
+        ours.generate(q, ids, mask, decode=str, num_beams=2, temperature=0.7)
+
+
+@pytest.mark.parametrize("which", ["reference_lm", "gqa_lm"])
+def test_beam_search_matches_transformers(which, request, tmp_path):
+    """fastllm.beam_search on the static cache against transformers' beam search on the same
+    fp32 weights: same tokens, with and without EOS ending beams early."""
+    lm = request.getfixturevalue(which)
+    fast = fastllm.load(_saved(lm, tmp_path / "fp32"))
+    ended_early = 0
+    for seed in range(4):
+        emb = _embeds(lm, seed=seed)
+        greedy = fastllm.generate(fast, emb, max_new_tokens=12)
+        for num_beams, eos in ((2, None), (3, greedy[4]), (4, greedy[2])):
+            with torch.no_grad():
+                ref = lm.generate(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long),
+                                  max_new_tokens=12, num_beams=num_beams, do_sample=False, eos_token_id=eos,
+                                  pad_token_id=0)[0].tolist()
+            ours = fastllm.beam_search(fast, emb, num_beams=num_beams, max_new_tokens=12,
+                                       eos_ids=() if eos is None else (eos,))
+            assert ours == ref, f"seed {seed}, {num_beams} beams, eos {eos}"
+            ended_early += len(ours) < 12
+    assert ended_early, "no beam ended on EOS: the EOS paths were not exercised"
 
 
 def test_decode_bench_smoke():
