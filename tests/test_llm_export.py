@@ -58,15 +58,21 @@ def test_rtn_bundle_manifest_and_runtime(rtn_bundle, bundle_dir):
     assert min(cos) > 0.95, cos
 
 
-def test_fast_runtime_refuses_beams_with_one_line(rtn_bundle, tmp_path):
+def test_fast_runtime_beams_and_refusals(rtn_bundle, tmp_path):
+    """The int4 bundle takes --num-beams through the CLI; beams with sampling, or zero beams,
+    get one line and exit 2."""
     img = tmp_path / "x.png"
     Image.new("RGB", (40, 40), (10, 200, 10)).save(img)
-    proc = subprocess.run([sys.executable, "-m", "ib_edge.runtime.cli", "--bundle", str(rtn_bundle), str(img),
-                           "hi", "--num-beams", "2"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "beam" in proc.stderr
+    cli = [sys.executable, "-m", "ib_edge.runtime.cli", "--bundle", str(rtn_bundle), str(img), "hi",
+           "--max-new-tokens", "4"]
+    ok = subprocess.run(cli + ["--num-beams", "2"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    for bad in (["--num-beams", "2", "--temperature", "0.7"], ["--num-beams", "0"]):
+        proc = subprocess.run(cli + bad, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "beam" in proc.stderr
     with pytest.raises(InputError):
-        Pipeline.load(rtn_bundle).generate(Image.new("RGB", (40, 40)), "hi", num_beams=3)
+        Pipeline.load(rtn_bundle).generate(Image.new("RGB", (40, 40)), "hi", num_beams=3, top_p=0.5)
 
 
 def test_llm_quant_refuses_t5(reference_dir, tmp_path):
