@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--scale", choices=["real"], default=None,
                     help="real: random-weight models at InstructBLIP's real shapes instead of --bundle "
-                         "(~15 GB RAM and many minutes at full depth)")
+                         "(exports peak at ~11 GB RAM; many minutes at full depth)")
     ap.add_argument("--scale-layers", type=int, default=None, metavar="N",
                     help="with --scale real: at most N layers in vision, Q-Former and LLM (smoke tests)")
     ap.add_argument("--scale-dir", default=None, metavar="DIR",
@@ -81,7 +81,7 @@ def run(args, log) -> dict:
         raise BenchError("--scale-layers must be at least 1")
     spec = scale.ScaleSpec.with_layers(args.scale_layers)
     if spec.is_full:
-        log("ib-bench: full real-shape run: needs ~15 GB RAM and many minutes (use --scale-layers N to try it small)")
+        log("ib-bench: full real-shape run: its exports peak at ~11 GB RAM and it takes many minutes (use --scale-layers N to try it small)")
     with tempfile.TemporaryDirectory(prefix="ib-bench-scale-") as tmp:
         work = Path(args.scale_dir) if args.scale_dir else Path(tmp)
         ckpt, bundles, notes = scale.prepare(spec, work, calib_images=args.scale_calib, log=log)

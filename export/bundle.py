@@ -106,6 +106,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("onnxruntime", "tensorrt")
 LLM_QUANT = (None, "rtn", "gptq", "awq", "int8", "mixed")
 WEIGHT_ONLY = ("int8", "mixed")     # any LLM family, transformers runtime with low-bit kernels
+LLM_CALIB = ("multimodal", "text")  # GPTQ/AWQ calibration data: what the LLM sees, or the text-only baseline
 
 
 def _graph_record(path: Path, root: Path, spec, precision: str, opset: int) -> dict:
@@ -122,7 +123,8 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
                   opset: int = 18, seed: int = 0, calib: str | Path | None = None, calib_method: str = "minmax",
                   recipe_dir: str | Path | None = None, backend: str = "onnxruntime",
                   trt: dict | None = None, llm_quant: str | None = None, group_size: int = 128,
-                  llm_plan: str | Path | None = None, int8_stages: str = "all", quiet: bool = False) -> Path:
+                  llm_plan: str | Path | None = None, llm_calib: str = "multimodal", int8_stages: str = "all",
+                  quiet: bool = False) -> Path:
     """Export ``model_ref`` into a bundle at ``out`` (replaced atomically if it exists).
 
     fp32: the validated graphs as exported. fp16/int8: the fp32 graphs are converted or
@@ -151,6 +153,10 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
         raise ExportError("--recipe re-applies INT8 recipes; use it with --precision int8")
     if llm_quant not in LLM_QUANT:
         raise ExportError(f"--llm-quant {llm_quant!r} is not supported (choose {', '.join(map(str, LLM_QUANT))})")
+    if llm_calib not in LLM_CALIB:
+        raise ExportError(f"--llm-calib {llm_calib!r} is not one of {', '.join(LLM_CALIB)}")
+    if llm_calib != "multimodal" and llm_quant not in ("gptq", "awq"):
+        raise ExportError("--llm-calib chooses GPTQ/AWQ calibration data; use it with --llm-quant gptq or awq")
     plan = None
     if llm_plan is not None:
         if llm_quant != "mixed":
@@ -279,7 +285,8 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         elif llm_quant:
             log(f"[{n_steps}/{n_steps}] 4-bit LLM ({llm_quant}, group size {group_size})")
-            manifest["artifacts"]["llm"] = quantize_bundle_llm(tmp, manifest, llm_quant, group_size, calib_set, log)
+            manifest["artifacts"]["llm"] = quantize_bundle_llm(tmp, manifest, llm_quant, group_size, calib_set, log,
+                                                               calib_source=llm_calib)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _replace(tmp, out)
     except BaseException:
@@ -301,10 +308,12 @@ def _trim_heap() -> None:
         pass
 
 
-def quantize_bundle_llm(root: Path, manifest: dict, method: str, group_size: int, calib_set, log) -> dict:
+def quantize_bundle_llm(root: Path, manifest: dict, method: str, group_size: int, calib_set, log,
+                        calib_source: str = "multimodal") -> dict:
     """Turn the (complete, fp32-LLM) bundle at ``root`` into a 4-bit-LLM one; returns the new
     llm artifact. RTN packs the weights directly. GPTQ/AWQ run gptqmodel calibrated on the
-    bundle's own query embeddings + instructions, keep its standard HF checkpoint in
+    bundle's own query embeddings + instructions (``calib_source="text"``: the instructions
+    alone, the baseline), keep its standard HF checkpoint in
     ``llm-{method}/`` (loadable by transformers + gptqmodel), and convert it, integers
     unchanged, to the fast runtime's int4 format in ``llm/``."""
     from ib_edge.quant import int4
@@ -316,8 +325,12 @@ def quantize_bundle_llm(root: Path, manifest: dict, method: str, group_size: int
     else:
         from ib_edge.quant import llm_quant
 
-        examples, calib_rec = llm_quant.multimodal_examples(root, calib_set)
-        log(f"      calibrating {method} on {len(examples)} multimodal examples (query embeds + instruction)")
+        if calib_source == "text":
+            examples, calib_rec = llm_quant.text_examples(root, calib_set)
+            log(f"      calibrating {method} on {len(examples)} text-only examples (instructions alone: the baseline)")
+        else:
+            examples, calib_rec = llm_quant.multimodal_examples(root, calib_set)
+            log(f"      calibrating {method} on {len(examples)} multimodal examples (query embeds + instruction)")
         hf_dir = root / f"llm-{method}"
         with contextlib.redirect_stdout(sys.stderr):  # gptqmodel's progress output; stdout stays ours
             extra["llm_quant"] = llm_quant.quantize_llm(

@@ -1,7 +1,7 @@
 """ib-export: turn an InstructBLIP checkpoint into a deploy bundle.
 
     ib-export [MODEL] [--out DIR] [--precision fp32|fp16|int8] [--calib DIR] [--recipe DIR]
-              [--llm-quant rtn|gptq|awq|int8|mixed] [--llm-plan PATH] [--revision REV] [--opset 18]
+              [--llm-quant rtn|gptq|awq|int8|mixed] [--llm-calib multimodal|text] [--llm-plan PATH] [--revision REV] [--opset 18]
 
 MODEL is a shipped proof model (proof-llama, the default; proof-t5), a local checkpoint
 directory, or a hub id such as Salesforce/instructblip-vicuna-7b.
@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "instructions). Any family (T5, OPT, Llama), transformers runtime with low-bit kernels: "
                          "int8 (weight-only, per channel) or mixed (each linear int4/int8/fp32, the most "
                          "drift-sensitive kept in higher precision, chosen by measured logits drift)")
+    ap.add_argument("--llm-calib", default="multimodal", choices=["multimodal", "text"],
+                    help="with --llm-quant gptq|awq: multimodal (the bundle's query embeddings in the <image> slots "
+                         "+ each instruction: what the LLM sees in InstructBLIP) or text (the instructions alone: "
+                         "the baseline)")
     ap.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256], help="4-bit group size")
     ap.add_argument("--llm-plan", default=None, metavar="PATH",
                     help="with --llm-quant mixed: re-apply a saved plan (a bundle, or its llm/quant_plan.json) "
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             path = export_bundle(args.model, out, precision=args.precision, revision=args.revision,
                                  opset=args.opset, seed=args.seed, calib=args.calib, calib_method=args.calib_method,
                                  recipe_dir=args.recipe, backend=args.backend, trt=trt, llm_quant=args.llm_quant,
-                                 group_size=args.group_size, llm_plan=args.llm_plan,
+                                 group_size=args.group_size, llm_plan=args.llm_plan, llm_calib=args.llm_calib,
                                  int8_stages=args.int8_stages, quiet=args.quiet)
         except ExportValidationError as e:
             print(f"ib-export: error: {e}", file=sys.stderr)

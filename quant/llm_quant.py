@@ -17,6 +17,7 @@ machine it needs GPTQMODEL_CPU_WORKERS=2 (set here when absent).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -157,6 +158,10 @@ def quantize_llm(llm_dir, out_dir, examples, *, method: str = "gptq", bits: int 
             src = Path(work)
         gm = GPTQModel.load(str(src), qcfg, device="cpu")
         seen = _install_embeds_hook(gm, examples, image_token_id)
+        # gptqmodel 7.6's quantize() takes calibration_data_min_length but never passes it on:
+        # prepare_dataset keeps its default and drops every example of <= 10 tokens (measured: 6
+        # of 20 text-only instructions). Bind the value on the instance, which quantize reads.
+        gm.prepare_dataset = functools.partial(gm.prepare_dataset, calibration_data_min_length=1)
         gm.quantize(data, batch_size=1, backend=backend, calibration_data_min_length=1)
         if seen["calls"] < len(examples):  # a gptqmodel that bypasses the hook would calibrate on ids only
             raise LlmQuantError(f"gptqmodel captured {seen['calls']} of {len(examples)} calibration inputs "

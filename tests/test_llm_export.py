@@ -81,18 +81,23 @@ def test_llm_quant_refuses_t5(reference_dir, tmp_path):
     with pytest.raises(ExportError, match="Llama"):
         export_bundle(str(reference_dir("t5")), tmp_path / "b", llm_quant="rtn", quiet=True)
     assert not (tmp_path / "b").exists()
+    with pytest.raises(ExportError, match="--llm-calib"):
+        export_bundle(str(reference_dir("llama")), tmp_path / "b", llm_quant="rtn", llm_calib="text", quiet=True)
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
                     reason="gptqmodel is not installed (pip install -c constraints.txt gptqmodel==7.6.0)")
-@pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_gptq_awq_bundle(method, reference_dir, tmp_path):
+@pytest.mark.parametrize("method,calib", [("gptq", "multimodal"), ("awq", "multimodal"), ("gptq", "text")])
+def test_gptq_awq_bundle(method, calib, reference_dir, tmp_path):
     from ib_edge.export.bundle import export_bundle
 
-    out = export_bundle(str(reference_dir("llama")), tmp_path / method, llm_quant=method, group_size=32, quiet=True)
+    out = export_bundle(str(reference_dir("llama")), tmp_path / method, llm_quant=method, group_size=32,
+                        llm_calib=calib, quiet=True)
     m = json.loads((out / "manifest.json").read_text())
     llm = m["artifacts"]["llm"]
-    assert llm["llm_quant"]["method"] == method and llm["llm_quant"]["calibration"]["source"] == "multimodal"
+    source = {"multimodal": "multimodal", "text": "text-only"}[calib]
+    assert llm["llm_quant"]["method"] == method and llm["llm_quant"]["calibration"]["source"] == source
     assert (out / llm["hf_checkpoint"]["dir"] / "config.json").is_file()
     from ib_edge.runtime.fastllm import FastLLM
 
