@@ -339,6 +339,8 @@ def quantize_bundle_llm(root: Path, manifest: dict, method: str, group_size: int
                 calib_record=calib_rec)
         rec = int4.convert_quantized_checkpoint(hf_dir, tmp_llm)
         extra["hf_checkpoint"] = {"dir": hf_dir.name}
+    if (src / "generation_config.json").is_file():  # beam settings (length_penalty, ...) the runtime honours
+        shutil.copy(src / "generation_config.json", tmp_llm / "generation_config.json")
     shutil.rmtree(src)
     os.replace(tmp_llm, src)
     files = _files(root, src)

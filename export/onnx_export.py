@@ -75,17 +75,19 @@ def export_graph(module, spec: GraphSpec, path: Path, rng: np.random.Generator) 
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     arg_names = list(inspect.signature(module.forward).parameters)
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # exporter chatter; failures raise
-        program = torch.onnx.export(
-            module, args, dynamo=True, opset_version=spec.opset,
-            input_names=spec.input_names, output_names=spec.output_names,
-            dynamic_shapes=_dynamic_shapes(spec, arg_names), verbose=False,
-        )
     external = n_bytes > EXTERNAL_DATA_THRESHOLD
-    program.save(str(path), external_data=external)
-    del program
-    _release_rewriter_state()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # exporter chatter; failures raise
+            program = torch.onnx.export(
+                module, args, dynamo=True, opset_version=spec.opset,
+                input_names=spec.input_names, output_names=spec.output_names,
+                dynamic_shapes=_dynamic_shapes(spec, arg_names), verbose=False,
+            )
+        program.save(str(path), external_data=external)
+        del program
+    finally:  # also when export or save fails: the rules' last match would pin the model
+        _release_rewriter_state()
     return path
 
 

@@ -161,8 +161,8 @@ def quantize_llm(llm_dir, out_dir, examples, *, method: str = "gptq", bits: int 
         # gptqmodel 7.6's quantize() takes calibration_data_min_length but never passes it on:
         # prepare_dataset keeps its default and drops every example of <= 10 tokens (measured: 6
         # of 20 text-only instructions). Bind the value on the instance, which quantize reads.
-        gm.prepare_dataset = functools.partial(gm.prepare_dataset, calibration_data_min_length=1)
-        gm.quantize(data, batch_size=1, backend=backend, calibration_data_min_length=1)
+        gm.prepare_dataset = functools.partial(gm.prepare_dataset, calibration_data_min_length=0)
+        gm.quantize(data, batch_size=1, backend=backend, calibration_data_min_length=0)
         if seen["calls"] < len(examples):  # a gptqmodel that bypasses the hook would calibrate on ids only
             raise LlmQuantError(f"gptqmodel captured {seen['calls']} of {len(examples)} calibration inputs "
                                 "through the inputs_embeds hook", hint=f"use gptqmodel {GPTQMODEL_VERSION}")

@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.max_new_tokens < 1 or args.max_new_tokens > 4096:
             raise InputError("--max-new-tokens must be between 1 and 4096")
+        if not 1 <= args.num_beams <= 16:
+            raise InputError("--num-beams must be between 1 and 16")
         if not 0.0 < args.top_p <= 1.0:
             raise InputError("--top-p must be in (0, 1]")
         if args.temperature < 0:

@@ -237,11 +237,14 @@ class FastLlama(nn.Module):
         self.k_cache = [kc.expand(batch, -1, -1, -1).contiguous() for kc in self.k_cache]
         self.v_cache = [vc.expand(batch, -1, -1, -1).contiguous() for vc in self.v_cache]
 
-    def reorder_cache(self, rows: torch.Tensor) -> None:
-        """Row i of every cache becomes old row ``rows[i]`` (beam search's survivors)."""
+    def reorder_cache(self, rows: torch.Tensor, filled: int) -> None:
+        """Row i of every cache becomes old row ``rows[i]`` (beam search's survivors), for the
+        first ``filled`` positions (the rest is unwritten); nothing to do when no beam moved."""
+        if torch.equal(rows, torch.arange(len(rows))):
+            return
         for kc, vc in zip(self.k_cache, self.v_cache):
-            kc.copy_(kc.index_select(0, rows))
-            vc.copy_(vc.index_select(0, rows))
+            kc[:, :, :filled] = kc[:, :, :filled].index_select(0, rows)
+            vc[:, :, :filled] = vc[:, :, :filled].index_select(0, rows)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
@@ -336,7 +339,7 @@ def beam_search(model: FastLlama, inputs_embeds: torch.Tensor, *, num_beams: int
         acc = (F.log_softmax(logits.float(), dim=-1) + running_scores[:, None]).reshape(-1)
         top_lp, top_idx = torch.topk(acc, keep)
         src, tok = top_idx // vocab, top_idx % vocab
-        cand = running[src].clone()
+        cand = running[src]                              # advanced indexing: a copy
         cand[:, cur] = tok
         hits = torch.isin(tok, eos) | (cur + 1 >= max_new_tokens)
         # the best num_beams unfinished candidates continue
@@ -364,7 +367,7 @@ def beam_search(model: FastLlama, inputs_embeds: torch.Tensor, *, num_beams: int
         open_beam = not (bool(finished_done.all()) and early_stopping is True)
         if not (improvable and open_beam and not bool(hits.all())):
             break
-        model.reorder_cache(rows)
+        model.reorder_cache(rows, t + cur - 1)
         logits = model(model.embed(running[:, cur - 1]).view(num_beams, 1, -1), t + cur - 1)
     return [int(x) for x in finished[0, :int(finished_len[0])]]
 
@@ -449,6 +452,14 @@ class FastLLM:
         if threads:
             torch.set_num_threads(threads)
         self.model = load(manifest.path(art["dir"]))
+        gen_path = manifest.path(art["dir"]) / "generation_config.json"
+        try:
+            gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
+        except (OSError, ValueError) as e:
+            raise BundleError(f"cannot read the LLM's generation_config.json: {e}") from None
+        # beam search as transformers runs it for this checkpoint (its generation_config)
+        self.length_penalty = float(gen.get("length_penalty", 1.0))
+        self.early_stopping = gen.get("early_stopping", False)
         self.image_token_id = int(manifest.model["image_token_id"])
         eos = manifest.model.get("eos_token_id")
         self.eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
@@ -483,7 +494,9 @@ class FastLLM:
         if num_beams > 1:  # as transformers: no streaming with beams, the text comes at the end
             with torch.no_grad():
                 ids = beam_search(self.model, embeds, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                  eos_ids=self.eos_ids, on_prefill=lambda: first.append(time.perf_counter()))
+                                  eos_ids=self.eos_ids, length_penalty=self.length_penalty,
+                                  early_stopping=self.early_stopping,
+                                  on_prefill=lambda: first.append(time.perf_counter()))
             t1 = time.perf_counter()
             if on_text is not None:
                 on_text(decode(ids))
@@ -553,7 +566,6 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = 64, prompt_len: int 
     if threads:
         torch.set_num_threads(threads)
     a = PRESETS[preset]
-    bw = read_bandwidth(1 << 26 if preset == "smoke" else 1 << 30)
     t0 = time.perf_counter()
     model = random_int4_model(a, group_size)
     build_s = time.perf_counter() - t0
@@ -568,6 +580,7 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = 64, prompt_len: int 
     split = _linears_alone(model)
     rss_int4 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     del model
+    bw = read_bandwidth(1 << 26 if preset == "smoke" else 1 << 30)  # after the RSS reading: its array is 1 GiB
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
@@ -593,8 +606,9 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = 64, prompt_len: int 
 
 def _linears_alone(model: FastLlama, repeats: int = 3) -> dict:
     """Where a decode step's time goes: every linear of the model run once on a 1-token input
-    (the kernels alone, weights streamed from DRAM as in decode), and a plain ``torch.sum`` over
-    the same packed int4 buffers (what reading those bytes costs at best)."""
+    (the kernels alone, weights streamed from DRAM as in decode; bytes = packed weights + scales),
+    and a plain integer ``torch.sum`` over the same packed int4 buffers (packed bytes only: what
+    reading them costs at best, one buffer at a time as the kernels read them)."""
     lins = [m for m in model.modules() if isinstance(m, (Int4Linear, nn.Linear))]
     xs = {m.in_features: torch.randn(1, m.in_features) for m in lins}
     packed = [m.packed for m in lins if isinstance(m, Int4Linear)]
@@ -610,7 +624,7 @@ def _linears_alone(model: FastLlama, repeats: int = 3) -> dict:
 
     with torch.no_grad():
         t_lin = best(lambda: [m(xs[m.in_features]) for m in lins])
-    t_read = best(lambda: [p.view(torch.float32).sum() for p in packed])
+    t_read = best(lambda: [p.view(torch.int32).sum() for p in packed])  # ints: no denormal slow paths
     n_packed = sum(p.numel() * p.element_size() for p in packed)
     n_lin = sum(linear_bytes(m) for m in lins)
     return {"linears_alone_ms_per_token": round(t_lin * 1e3, 2),
@@ -658,9 +672,13 @@ def _decode_timing(run, n_tokens: int, repeats: int = 3) -> tuple[float, float]:
     warm-up, then the fastest of ``repeats`` runs of 1 token (the prefill) and of ``n_tokens``;
     decode rate = the tokens after the first over the time after the prefill. Fastest-of, because
     a single pair of runs on a busy 2-core machine can put the 1-token run above the n-token one."""
+    if n_tokens < 2:
+        raise ValueError("a decode rate needs at least 2 new tokens")
     run(2)
     prefill = min(run(1)[0] for _ in range(repeats))
     total, produced = min(run(n_tokens) for _ in range(repeats))
+    if total <= prefill:  # timing noise swamped the decode time: say so rather than print a rate
+        return prefill, float("nan")
     return prefill, (produced - 1) / (total - prefill)
 
 

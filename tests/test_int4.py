@@ -6,6 +6,8 @@ differ by ~1e-6); the int4 kernel matches x @ dequant(W).T within bf16 rounding 
 >= 0.98 (measured 0.987 at group 32)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -176,6 +178,8 @@ def test_fast_llm_stage_matches_transformers_stage(reference_lm, tmp_path):
     from ib_edge.runtime.manifest import Manifest
 
     _saved(reference_lm, tmp_path / "llm")
+    gen_file = tmp_path / "llm" / "generation_config.json"   # non-default beam settings both runtimes must honour
+    gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "length_penalty": 2.0, "early_stopping": True}))
     image_id, nq = 5, 4
     model = {"image_token_id": image_id, "is_encoder_decoder": False, "eos_token_id": reference_lm.config.eos_token_id}
     art = {"dir": "llm", "format": "safetensors", "dtype": "float32"}
@@ -199,6 +203,31 @@ def test_fast_llm_stage_matches_transformers_stage(reference_lm, tmp_path):
         ours.generate(q, ids, mask, decode=str, num_beams=2, temperature=0.7)
 
 
+def test_fast_llm_beams_take_the_checkpoints_generation_config(reference_lm, tmp_path, monkeypatch):
+    """length_penalty and early_stopping come from the LLM's generation_config.json, as in
+    transformers (the bundle's int4 llm/ keeps that file)."""
+    from ib_edge.runtime.manifest import Manifest
+
+    _saved(reference_lm, tmp_path / "llm")
+    gen_file = tmp_path / "llm" / "generation_config.json"
+    gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "length_penalty": 2.0, "early_stopping": True}))
+    model = {"image_token_id": 5, "is_encoder_decoder": False, "eos_token_id": reference_lm.config.eos_token_id}
+    art = {"dir": "llm", "format": "safetensors", "dtype": "float32", "backend": "fastllm"}
+    ours = fastllm.FastLLM(Manifest(tmp_path, {"model": model, "artifacts": {"llm": art}}))
+    seen = {}
+
+    def spy(model, embeds, **kw):
+        seen.update(kw)
+        kw["on_prefill"]()
+        return [7]
+
+    monkeypatch.setattr(fastllm, "beam_search", spy)
+    ids = np.array([[5] * 4 + [1, 40, 41]], dtype=np.int64)
+    q = np.zeros((1, 4, 128), np.float32)
+    assert ours.generate(q, ids, np.ones_like(ids), decode=str, num_beams=3, max_new_tokens=5) == [7]
+    assert seen["length_penalty"] == 2.0 and seen["early_stopping"] is True and seen["num_beams"] == 3
+
+
 @pytest.mark.parametrize("which", ["reference_lm", "gqa_lm"])
 def test_beam_search_matches_transformers(which, request, tmp_path):
     """fastllm.beam_search on the static cache against transformers' beam search on the same
@@ -219,6 +248,17 @@ def test_beam_search_matches_transformers(which, request, tmp_path):
             assert ours == ref, f"seed {seed}, {num_beams} beams, eos {eos}"
             ended_early += len(ours) < 12
     assert ended_early, "no beam ended on EOS: the EOS paths were not exercised"
+    # transformers' other beam settings, and a single new token
+    emb = _embeds(lm, seed=7)
+    eos = fastllm.generate(fast, emb, max_new_tokens=6)[3]
+    for kw in (dict(length_penalty=0.5), dict(length_penalty=2.0), dict(early_stopping=True),
+               dict(early_stopping="never", length_penalty=1.5), dict(max_new_tokens=1)):
+        n = kw.pop("max_new_tokens", 10)
+        with torch.no_grad():
+            ref = lm.generate(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long),
+                              max_new_tokens=n, num_beams=3, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                              **kw)[0].tolist()
+        assert fastllm.beam_search(fast, emb, num_beams=3, max_new_tokens=n, eos_ids=(eos,), **kw) == ref, (n, kw)
 
 
 def test_decode_bench_smoke():

@@ -35,6 +35,7 @@ def test_rtn_bundle_manifest_and_runtime(rtn_bundle, bundle_dir):
     assert llm["backend"] == "fastllm" and llm["precision"] == "int4" and llm["format"] == "ib-edge-int4"
     assert llm["quantization"]["method"] == "rtn" and llm["quantization"]["group_size"] == 32
     assert llm["quantization"]["quantized_linears"] > 0
+    assert "llm/generation_config.json" in llm["files"]  # kept for the runtime's beam settings
     pipe = Pipeline.load(rtn_bundle)
     ref = Pipeline.load(bundle_dir("llama"))
     from ib_edge.runtime.fastllm import FastLLM
