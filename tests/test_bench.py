@@ -225,3 +225,14 @@ def test_gpu_check_without_gpu(tmp_path):
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert "no CUDA GPU" in result["error"] and result["environment"]["torch"]
     assert re.search(r"no CUDA GPU", (tmp_path / "gpu_check.md").read_text())
+
+
+def test_kernels_profile_graph(bundle_dir):
+    """python -m ib_edge.bench.kernels --profile-graph: per-op-type times of a graph as the runtime runs it."""
+    from ib_edge.bench import kernels
+
+    prof = kernels.profile_graph(str(bundle_dir("llama") / "vision.onnx"), threads=1, precision="fp32", runs=2)
+    assert prof["run_ms"] > 0
+    ops = prof["ms_per_run_by_op"]
+    assert "MatMul" in ops or "Gemm" in ops, ops
+    assert all(v >= 0 for v in ops.values())
