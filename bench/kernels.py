@@ -22,18 +22,16 @@ import time
 
 import numpy as np
 
+from .measure import best_time
+
 SHAPES = ((2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632))   # N, K of one layer's linears
 LAYERS = 22
 
 
 def _best(fn, repeats: int = 5) -> float:
+    """One warm-up call, then the fastest of ``repeats``."""
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_time(fn, repeats)
 
 
 def torch_int4(group: int) -> dict:

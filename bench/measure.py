@@ -175,14 +175,14 @@ def memory_bandwidth(size_mb: int = 256, repeats: int = 5, threads: int | None =
     try:
         x = torch.ones(n, dtype=torch.float32)
         x.sum()  # pages faulted in, threads spun up
-        read = _best(lambda: x.sum(), repeats)
+        read = best_time(lambda: x.sum(), repeats)
         del x
     finally:
         torch.set_num_threads(before)
     src = np.ones(n // 2, dtype=np.float64)
     dst = np.empty_like(src)
     np.copyto(dst, src)
-    copy = _best(lambda: np.copyto(dst, src), repeats)
+    copy = best_time(lambda: np.copyto(dst, src), repeats)
     moved = 2 * src.nbytes
     del src, dst
     return {"gb_per_s": round(n * 4 / read / 1e9, 3), "array_mb": size_mb, "repeats": repeats,
@@ -192,7 +192,8 @@ def memory_bandwidth(size_mb: int = 256, repeats: int = 5, threads: int | None =
             "copy_method": "numpy copyto on one core, bytes read + written"}
 
 
-def _best(fn, repeats: int) -> float:
+def best_time(fn, repeats: int) -> float:
+    """Fastest of ``repeats`` calls of ``fn``, seconds."""
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
