@@ -22,16 +22,14 @@ import time
 
 import numpy as np
 
-from .measure import best_time
+from .measure import best_time, memory_bandwidth
 
 SHAPES = ((2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632))   # N, K of one layer's linears
 LAYERS = 22
 
 
 def _best(fn, repeats: int = 5) -> float:
-    """One warm-up call, then the fastest of ``repeats``."""
-    fn()
-    return best_time(fn, repeats)
+    return best_time(fn, repeats, warmup=1)
 
 
 def torch_int4(group: int) -> dict:
@@ -151,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="int8", help="the graph's precision (int8: CSE off, as the runtime)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    x = torch.ones(1 << 28)
-    res = {"threads": args.threads,
-           "read_bandwidth_GB_s": round(x.numel() * 4 / _best(lambda: x.sum()) / 1e9, 2)}
-    del x
+    res = {"threads": args.threads, "read_bandwidth_GB_s": memory_bandwidth(1024)["gb_per_s"]}
     res["decode_linears_from_dram"] = {
         f"torch_int4_g{g}": torch_int4(g) for g in (64, 128)} | {
         f"ort_MatMulNBits_g{g}": ort_nbits(g, args.threads) for g in (64, 128)}

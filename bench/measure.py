@@ -192,8 +192,10 @@ def memory_bandwidth(size_mb: int = 256, repeats: int = 5, threads: int | None =
             "copy_method": "numpy copyto on one core, bytes read + written"}
 
 
-def best_time(fn, repeats: int) -> float:
-    """Fastest of ``repeats`` calls of ``fn``, seconds."""
+def best_time(fn, repeats: int, warmup: int = 0) -> float:
+    """Fastest of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones, seconds."""
+    for _ in range(warmup):
+        fn()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()

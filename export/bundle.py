@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import datetime
+import gc
 import json
 import os
 import platform

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -546,22 +545,11 @@ def random_int4_model(a: LlamaArgs, group_size: int = 64, seed: int = 0) -> Fast
     return build(a, t, group_size)
 
 
-def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """DRAM read bandwidth in bytes/s: ``torch.sum`` over a large float32 array on torch's
-    current thread count (as decode runs), best of ``repeats``."""
-    x = torch.ones(nbytes // 4)
-    x.sum()
-    best = math.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best
-
-
 def bench(preset: str = "tinyllama-1.1b", group_size: int = 64, prompt_len: int = 40, new_tokens: int = 32,
           hf_tokens: int = 8, threads: int | None = None, nf4: bool = True) -> dict:
     import resource
+
+    from ib_edge.bench.measure import memory_bandwidth
 
     if threads:
         torch.set_num_threads(threads)
@@ -580,7 +568,8 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = 64, prompt_len: int 
     split = _linears_alone(model)
     rss_int4 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     del model
-    bw = read_bandwidth(1 << 26 if preset == "smoke" else 1 << 30)  # after the RSS reading: its array is 1 GiB
+    # after the RSS reading: the probe's arrays are GiB-sized
+    bw = memory_bandwidth(64 if preset == "smoke" else 1024)["gb_per_s"] * 1e9
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
@@ -613,22 +602,15 @@ def _linears_alone(model: FastLlama, repeats: int = 3) -> dict:
     xs = {m.in_features: torch.randn(1, m.in_features) for m in lins}
     packed = [m.packed for m in lins if isinstance(m, Int4Linear)]
 
-    def best(fn):
-        fn()
-        t = math.inf
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            t = min(t, time.perf_counter() - t0)
-        return t
+    from ib_edge.bench.measure import best_time
 
     with torch.no_grad():
-        t_lin = best(lambda: [m(xs[m.in_features]) for m in lins])
+        t_lin = best_time(lambda: [m(xs[m.in_features]) for m in lins], repeats, warmup=1)
     # float sums of the raw bytes (integer sums are not vectorised: 5 GB/s measured), with
     # denormals flushed so that bit patterns that read as subnormal floats take no slow path
     torch.set_flush_denormal(True)
     try:
-        t_read = best(lambda: [p.view(torch.float32).sum() for p in packed])
+        t_read = best_time(lambda: [p.view(torch.float32).sum() for p in packed], repeats, warmup=1)
     finally:
         torch.set_flush_denormal(False)
     n_packed = sum(p.numel() * p.element_size() for p in packed)
