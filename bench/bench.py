@@ -232,7 +232,8 @@ def bench_bundle(path: str, cfg: BenchConfig, examples, bandwidth, bar, *, is_re
         "stages": {n: {"precision": a.get("precision"), "backend": a.get("backend")}
                    for n, a in m.data["artifacts"].items() if n != "processor"},
         "providers": {"vision": getattr(system.pipe.vision, "providers", None),
-                      "qformer": getattr(system.pipe.qformer, "providers", None)},
+                      "qformer": getattr(system.pipe.qformer, "providers", None),
+                      "llm": getattr(system.pipe.llm, "engine", "transformers")},
         "load_ms": load_ms, **lat,
         "bandwidth_bound": _bound(system, bandwidth, lat["decode_tokens_per_s"]),
         "memory": mem.record(), "sizes": measure.artifact_sizes(m),

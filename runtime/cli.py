@@ -1,7 +1,7 @@
 """ib-run: answer a question about an image from a deploy bundle.
 
     ib-run [--bundle DIR] IMAGE PROMPT [--max-new-tokens N] [--num-beams N]
-           [--temperature T] [--top-p P] [--seed S] [--json]
+           [--temperature T] [--top-p P] [--seed S] [--llm-engine ort|torch] [--json]
 
 Tokens stream to stdout as they are generated; with --json one JSON object is printed at the
 end instead. Any problem with the image, the prompt or the bundle gets one line on stderr and
@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--providers", default=None,
                     help="ONNX Runtime providers in order of preference: tensorrt,cuda,cpu (default cpu); "
                          "for ONNX bundles, a TensorRT-engine bundle ignores it")
+    ap.add_argument("--llm-engine", default=None, metavar="ort|torch",
+                    help="engine of the fast 4-bit/fp32 Llama path: ort (default: the whole decoder step as "
+                         "one ONNX Runtime graph, MatMulNBits) or torch (our torch forward, torch's int4 "
+                         "kernel); other bundles ignore it")
     ap.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
     ap.add_argument("--json", action="store_true", help="print one JSON object: answer and timings_ms")
     return ap
@@ -66,12 +70,15 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("--top-p must be in (0, 1]")
         if args.temperature < 0:
             raise InputError("--temperature must be >= 0")
+        if args.llm_engine is not None and args.llm_engine not in ("ort", "torch"):
+            raise InputError(f"--llm-engine must be ort or torch, not {args.llm_engine!r}")
         providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
         # Check the cheap things (image, prompt) before loading the models.
         from .preprocess import load_image
 
         image = load_image(args.image)
-        pipe = Pipeline.load(args.bundle, providers=providers, threads=args.threads, verify=not args.no_verify)
+        pipe = Pipeline.load(args.bundle, providers=providers, threads=args.threads, verify=not args.no_verify,
+                             llm_engine=args.llm_engine)
         pipe.prompts.check(args.prompt)
 
         def stream(text: str) -> None:

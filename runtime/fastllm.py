@@ -375,9 +375,54 @@ def beam_search(model: FastLlama, inputs_embeds: torch.Tensor, *, num_beams: int
 _LAYER = "model.layers.{}."
 
 
-def build(a: LlamaArgs, tensors: dict[str, torch.Tensor], group_size: int | None) -> FastLlama:
-    """Assemble a FastLlama from transformers-named tensors; a linear whose ``.qweight`` is
-    present becomes Int4Linear, otherwise fp32 nn.Linear. q/k/v and gate/up are fused."""
+@dataclasses.dataclass
+class LinearSpec:
+    """One (fused) linear as stored: portable int4 (qweight/scales/qzeros, group_size) or a float weight."""
+    kind: str                                   # "int4" | "dense"
+    weight: torch.Tensor | None = None
+    qweight: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    qzeros: torch.Tensor | None = None
+    group_size: int = 0
+    bias: torch.Tensor | None = None
+
+    def module(self) -> nn.Module:
+        if self.kind == "int4":
+            return Int4Linear.from_int4(self.qweight, self.scales, self.qzeros, self.group_size, self.bias)
+        return dense(self.weight, self.bias)
+
+    def nbytes(self) -> int:  # as stored: what one decode step has to read
+        ts = (self.qweight, self.scales, self.qzeros) if self.kind == "int4" else (self.weight,)
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+@dataclasses.dataclass
+class LayerSpec:
+    qkv: LinearSpec
+    o: LinearSpec
+    gate_up: LinearSpec
+    down: LinearSpec
+    attn_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """A Llama's weights, fused as both fast runtimes use them (q/k/v and gate/up concatenated)."""
+    layers: list[LayerSpec]
+    embed: torch.Tensor
+    norm: torch.Tensor
+    head: LinearSpec
+
+    def weight_bytes_per_token(self, a: LlamaArgs) -> int:
+        """Bytes of weights every decode step reads (linears, norms, one embedding row), as stored."""
+        lin = sum(s.nbytes() for l in self.layers for s in (l.qkv, l.o, l.gate_up, l.down)) + self.head.nbytes()
+        return lin + (2 * len(self.layers) + 1) * a.hidden_size * 4 + a.hidden_size * 4
+
+
+def collect(a: LlamaArgs, tensors: dict[str, torch.Tensor], group_size: int | None) -> ModelSpec:
+    """Gather transformers-named tensors into a ModelSpec; a linear whose ``.qweight`` is present
+    is int4, otherwise float. q/k/v and gate/up are fused."""
     def get(name):
         try:
             return tensors.pop(name)
@@ -386,35 +431,66 @@ def build(a: LlamaArgs, tensors: dict[str, torch.Tensor], group_size: int | None
 
     def lin(*names, bias=False):
         b = [get(n + ".bias") for n in names] if bias else None
-        b = torch.cat(b) if b else None
+        b = torch.cat(b).float() if b else None
         if names[0] + ".qweight" in tensors:
             if group_size is None:
                 raise BundleError("int4 tensors found but the safetensors metadata gives no group_size")
             parts = [(get(n + ".qweight"), get(n + ".scales"), get(n + ".qzeros")) for n in names]
-            return Int4Linear.from_int4(*(torch.cat(p) for p in zip(*parts)), group_size, b)
-        return dense(torch.cat([get(n + ".weight") for n in names]), b)
+            q, s, z = (torch.cat(p) for p in zip(*parts))
+            return LinearSpec("int4", qweight=q, scales=s, qzeros=z, group_size=group_size, bias=b)
+        return LinearSpec("dense", weight=torch.cat([get(n + ".weight") for n in names]), bias=b)
 
-    blocks = []
+    layers = []
     for i in range(a.n_layers):
         p = _LAYER.format(i)
         att, mlp = p + "self_attn.", p + "mlp."
-        blocks.append(Block(a, lin(att + "q_proj", att + "k_proj", att + "v_proj", bias=a.attention_bias),
-                            lin(att + "o_proj", bias=a.attention_bias),
-                            lin(mlp + "gate_proj", mlp + "up_proj", bias=a.mlp_bias),
-                            lin(mlp + "down_proj", bias=a.mlp_bias),
-                            get(p + "input_layernorm.weight"), get(p + "post_attention_layernorm.weight")))
+        layers.append(LayerSpec(lin(att + "q_proj", att + "k_proj", att + "v_proj", bias=a.attention_bias),
+                                lin(att + "o_proj", bias=a.attention_bias),
+                                lin(mlp + "gate_proj", mlp + "up_proj", bias=a.mlp_bias),
+                                lin(mlp + "down_proj", bias=a.mlp_bias),
+                                get(p + "input_layernorm.weight").float(),
+                                get(p + "post_attention_layernorm.weight").float()))
     embed = get("model.embed_tokens.weight")
     if "lm_head.weight" in tensors or "lm_head.qweight" in tensors:
         head = lin("lm_head")
     elif a.tie_embeddings:
-        head = dense(embed)
+        head = LinearSpec("dense", weight=embed)
     else:
         raise BundleError("LLM weights lack lm_head.weight")
-    return FastLlama(a, embed, blocks, get("model.norm.weight"), head).eval()
+    return ModelSpec(layers, embed, get("model.norm.weight").float(), head)
 
 
-def load(model_dir: str | Path) -> FastLlama:
-    """A FastLlama from ``config.json`` + ``*.safetensors`` (float weights or ib-edge int4)."""
+def build(a: LlamaArgs, tensors: dict[str, torch.Tensor], group_size: int | None) -> FastLlama:
+    """Assemble a FastLlama (torch modules: Int4Linear or fp32 nn.Linear) from transformers-named tensors."""
+    return build_torch(a, collect(a, tensors, group_size))
+
+
+def build_torch(a: LlamaArgs, spec: ModelSpec) -> FastLlama:
+    blocks = [Block(a, l.qkv.module(), l.o.module(), l.gate_up.module(), l.down.module(), l.attn_norm, l.ffn_norm)
+              for l in spec.layers]
+    return FastLlama(a, spec.embed, blocks, spec.norm, spec.head.module()).eval()
+
+
+ENGINES = ("ort", "torch")
+DEFAULT_ENGINE = "ort"   # 2x the torch engine's decode rate on the TinyLlama-shaped bench (README)
+
+
+def assemble(a: LlamaArgs, tensors: dict[str, torch.Tensor], group_size: int | None, engine: str = "torch",
+             threads: int | None = None):
+    """The model on one engine: "torch" (FastLlama: our forward, torch's int4 kernel) or "ort"
+    (ortllm.OrtLlama: the whole step as one ONNX Runtime graph with MatMulNBits)."""
+    if engine not in ENGINES:
+        raise InputError(f"LLM engine {engine!r} is not one of {', '.join(ENGINES)}")
+    spec = collect(a, tensors, group_size)
+    if engine == "ort":
+        from .ortllm import OrtLlama
+
+        return OrtLlama(a, spec, threads)
+    return build_torch(a, spec)
+
+
+def load(model_dir: str | Path, engine: str = DEFAULT_ENGINE, threads: int | None = None):
+    """The LLM from ``config.json`` + ``*.safetensors`` (float weights or ib-edge int4) on ``engine``."""
     from safetensors import safe_open
 
     d = Path(model_dir)
@@ -437,20 +513,21 @@ def load(model_dir: str | Path) -> FastLlama:
                 group_size = int(meta["group_size"])
             for k in sf.keys():
                 tensors[k.removeprefix("language_model.")] = sf.get_tensor(k)
-    return build(a, tensors, group_size)
+    return assemble(a, tensors, group_size, engine, threads)
 
 
 # --- the runtime's LLM stage ------------------------------------------------------------------
 class FastLLM:
     """Drop-in for runtime.llm.TransformersLLM on bundles whose LLM artifact has backend "fastllm"."""
 
-    def __init__(self, manifest, threads: int | None = None):
+    def __init__(self, manifest, threads: int | None = None, engine: str | None = None):
         art = manifest.artifact("llm")
         if art.get("backend") != "fastllm" or art.get("format") not in (INT4_FORMAT, "safetensors"):
             raise BundleError(f"LLM artifact {art.get('backend')}/{art.get('format')} is not for the fast runtime")
         if threads:
             torch.set_num_threads(threads)
-        self.model = load(manifest.path(art["dir"]))
+        self.engine = engine or DEFAULT_ENGINE
+        self.model = load(manifest.path(art["dir"]), self.engine, threads)
         gen_path = manifest.path(art["dir"]) / "generation_config.json"
         try:
             gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
@@ -519,8 +596,16 @@ class FastLLM:
 
 
 # --- benchmark ----------------------------------------------------------------------------------
-def random_int4_model(a: LlamaArgs, group_size: int = 64, seed: int = 0) -> FastLlama:
-    """Random weights straight in int4 (uniform nibbles, small scales), for speed measurements."""
+def random_int4_model(a: LlamaArgs, group_size: int = 64, seed: int = 0, engine: str = DEFAULT_ENGINE,
+                      scale_spread: float = 0.0):
+    """Random weights straight in int4 (see random_int4_tensors) on ``engine``, for speed measurements."""
+    return assemble(a, random_int4_tensors(a, group_size, seed, scale_spread), group_size, engine)
+
+
+def random_int4_tensors(a: LlamaArgs, group_size: int = 64, seed: int = 0,
+                        scale_spread: float = 0.0) -> dict[str, torch.Tensor]:
+    """transformers-named tensors with every linear in int4 (uniform nibbles, small scales);
+    ``scale_spread`` > 0 draws per-group scales and zero points too (for comparing engines)."""
     g = torch.Generator().manual_seed(seed)
     t: dict[str, torch.Tensor] = {}
 
@@ -528,6 +613,9 @@ def random_int4_model(a: LlamaArgs, group_size: int = 64, seed: int = 0) -> Fast
         t[name + ".qweight"] = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
         t[name + ".scales"] = torch.full((n, k // group_size), 0.02 / 8)
         t[name + ".qzeros"] = torch.full((n, k // group_size), 8, dtype=torch.uint8)
+        if scale_spread:
+            t[name + ".scales"] *= 1 + scale_spread * torch.rand(n, k // group_size, generator=g)
+            t[name + ".qzeros"] = torch.randint(4, 12, (n, k // group_size), dtype=torch.uint8, generator=g)
 
     d, hd = a.hidden_size, a.hd
     for i in range(a.n_layers):
@@ -542,11 +630,13 @@ def random_int4_model(a: LlamaArgs, group_size: int = 64, seed: int = 0) -> Fast
     t["model.embed_tokens.weight"] = torch.randn(a.vocab_size, d, generator=g) * 0.02
     t["model.norm.weight"] = torch.ones(d)
     q4("lm_head", a.vocab_size, d)
-    return build(a, t, group_size)
+    return t
 
 
 def bench(preset: str = "tinyllama-1.1b", group_size: int = 64, prompt_len: int = 40, new_tokens: int = 32,
-          hf_tokens: int = 8, threads: int | None = None, nf4: bool = True) -> dict:
+          hf_tokens: int = 8, threads: int | None = None, nf4: bool = True, engine: str = DEFAULT_ENGINE) -> dict:
+    """Decode speed of the int4 path on ``engine`` (the headline figures), the other engine in
+    the same run, transformers fp32 and (when installed) transformers + bitsandbytes NF4."""
     import resource
 
     from ib_edge.bench.measure import memory_bandwidth
@@ -554,22 +644,34 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = 64, prompt_len: int 
     if threads:
         torch.set_num_threads(threads)
     a = PRESETS[preset]
-    t0 = time.perf_counter()
-    model = random_int4_model(a, group_size)
-    build_s = time.perf_counter() - t0
     emb = torch.randn(1, prompt_len, a.hidden_size) * 0.02
-    def run(n):
-        t0 = time.perf_counter()
-        ids = generate(model, emb, max_new_tokens=n)
-        return time.perf_counter() - t0, len(ids)
 
-    prefill_s, int4_tps = _decode_timing(run, new_tokens)
-    per_tok = model.weight_bytes_per_token()
-    split = _linears_alone(model)
-    rss_int4 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    del model
-    # after the RSS reading: the probe's arrays are GiB-sized
-    bw = memory_bandwidth(64 if preset == "smoke" else 1024)["gb_per_s"] * 1e9
+    def measure(eng):
+        t0 = time.perf_counter()
+        model = random_int4_model(a, group_size, engine=eng)
+        build_s = time.perf_counter() - t0
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+        def run(n):
+            t0 = time.perf_counter()
+            ids = generate(model, emb, max_new_tokens=n)
+            return time.perf_counter() - t0, len(ids)
+
+        prefill_s, tps = _decode_timing(run, new_tokens)
+        out = {"engine": eng, "build_s": round(build_s, 1), "prefill_ms": round(prefill_s * 1e3, 1),
+               "decode_tok_s": round(tps, 2), "weight_MB_per_token": round(model.weight_bytes_per_token() / 1e6, 1),
+               "achieved_GB_s": round(model.weight_bytes_per_token() * tps / 1e9, 2),
+               "decode_ms_per_token": round(1e3 / tps, 2), "peak_rss_MB": round(rss)}
+        if eng == "torch":
+            out.update(_linears_alone(model))
+        return out
+
+    main = measure(engine)        # first: its peak RSS is its own
+    other = measure(next(e for e in ENGINES if e != engine))
+    # after the RSS readings: the probe's arrays are GiB-sized
+    bw = memory_bandwidth(64 if preset == "smoke" else 1024)["gb_per_s"]
+    for r in (main, other):
+        r["pct_of_bandwidth_bound"] = round(100 * r["achieved_GB_s"] / bw, 1)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
@@ -578,19 +680,20 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = 64, prompt_len: int 
     torch.manual_seed(0)
     hf = LlamaForCausalLM(cfg).eval()
     _, hf_tps = _hf_decode(hf, emb, hf_tokens)
-    achieved = per_tok * int4_tps
     nf4 = _nf4_decode(hf, emb, hf_tokens) if nf4 else {"measured": False, "reason": "--no-nf4"}
     del hf
-    return {"preset": preset, "threads": torch.get_num_threads(), "group_size": group_size,
-            "int4_build_s": round(build_s, 1), "int4_prefill_ms": round(prefill_s * 1e3, 1),
-            "int4_decode_tok_s": round(int4_tps, 2), "transformers_fp32_decode_tok_s": round(hf_tps, 2),
-            "speedup": round(int4_tps / hf_tps, 2), "int4_weight_MB_per_token": round(per_tok / 1e6, 1),
-            "achieved_GB_s": round(achieved / 1e9, 2), "read_bandwidth_GB_s": round(bw / 1e9, 2),
-            "pct_of_bandwidth_bound": round(100 * achieved / bw, 1),
-            "decode_ms_per_token": round(1e3 / int4_tps, 2), **split, "peak_rss_int4_MB": round(rss_int4),
+    tps = main["decode_tok_s"]
+    return {"preset": preset, "threads": torch.get_num_threads(), "group_size": group_size, "engine": engine,
+            "int4_build_s": main["build_s"], "int4_prefill_ms": main["prefill_ms"],
+            "int4_decode_tok_s": tps, "transformers_fp32_decode_tok_s": round(hf_tps, 2),
+            "speedup": round(tps / hf_tps, 2), "int4_weight_MB_per_token": main["weight_MB_per_token"],
+            "achieved_GB_s": main["achieved_GB_s"], "read_bandwidth_GB_s": round(bw, 2),
+            "pct_of_bandwidth_bound": main["pct_of_bandwidth_bound"],
+            "decode_ms_per_token": main["decode_ms_per_token"], "peak_rss_int4_MB": main["peak_rss_MB"],
             "peak_rss_total_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            f"{other['engine']}_engine": other,
             "transformers_bnb_nf4": nf4,
-            **({"speedup_vs_nf4": round(int4_tps / nf4["decode_tok_s"], 2)} if nf4.get("measured") else {})}
+            **({"speedup_vs_nf4": round(tps / nf4["decode_tok_s"], 2)} if nf4.get("measured") else {})}
 
 
 def _linears_alone(model: FastLlama, repeats: int = 3) -> dict:
@@ -681,11 +784,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-nf4", action="store_true", help="skip the transformers + bitsandbytes NF4 comparison")
+    ap.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
+                    help="engine of the headline figures (the other one is measured too)")
     args = ap.parse_args(argv)
     if not args.bench:
         ap.error("nothing to do (use --bench)")
     res = bench(args.preset, args.group_size, new_tokens=args.new_tokens, hf_tokens=args.hf_tokens,
-                threads=args.threads, nf4=not args.no_nf4)
+                threads=args.threads, nf4=not args.no_nf4, engine=args.engine)
     print(json.dumps(res, indent=2))
     return 0
 

@@ -52,8 +52,10 @@ class Result:
 
 
 class Pipeline:
-    def __init__(self, manifest: Manifest, providers=None, threads: int | None = None):
+    def __init__(self, manifest: Manifest, providers=None, threads: int | None = None,
+                 llm_engine: str | None = None):
         self.manifest = manifest
+        self.llm_engine = llm_engine
         tok = manifest.data["tokenizers"]
         self.prompts = PromptEncoder(manifest.path(tok["llm"]), manifest.path(tok["qformer"]), manifest.model)
         self.vision = make_stage(manifest, "vision", providers, threads)
@@ -63,12 +65,12 @@ class Pipeline:
 
     @classmethod
     def load(cls, bundle_dir: str | os.PathLike | None = None, *, providers=None, threads: int | None = None,
-             verify: bool = True) -> "Pipeline":
+             verify: bool = True, llm_engine: str | None = None) -> "Pipeline":
         """Read the manifest, check every artifact's sha256, open the stages."""
         manifest = Manifest.load(bundle_dir if bundle_dir is not None else default_bundle_dir())
         if verify:
             manifest.verify()
-        return cls(manifest, providers, threads)
+        return cls(manifest, providers, threads, llm_engine)
 
     @property
     def llm(self):
@@ -76,7 +78,7 @@ class Pipeline:
             if self.manifest.artifact("llm").get("backend") == "fastllm":
                 from .fastllm import FastLLM
 
-                self._llm = FastLLM(self.manifest, self._threads)
+                self._llm = FastLLM(self.manifest, self._threads, self.llm_engine)
             else:
                 from .llm import TransformersLLM
 

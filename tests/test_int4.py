@@ -52,10 +52,11 @@ def _saved(lm, path):
     return path
 
 
+@pytest.mark.parametrize("engine", fastllm.ENGINES)
 @pytest.mark.parametrize("which", ["reference_lm", "gqa_lm"])
-def test_fp32_fast_path_matches_transformers_greedy(which, request, tmp_path):
+def test_fp32_fast_path_matches_transformers_greedy(which, engine, request, tmp_path):
     lm = request.getfixturevalue(which)
-    fast = fastllm.load(_saved(lm, tmp_path / "fp32"))
+    fast = fastllm.load(_saved(lm, tmp_path / "fp32"), engine)
     for seed in range(3):
         emb = _embeds(lm, seed=seed)
         with torch.no_grad():
@@ -141,7 +142,7 @@ def test_rtn_int4_model_logits_close_to_fp32(reference_lm, tmp_path):
     src = _saved(reference_lm, tmp_path / "fp32")
     rec = int4.quantize_model_dir(src, tmp_path / "int4", group_size=32)
     assert rec["format"] == fastllm.INT4_FORMAT and rec["quantized_linears"] == 2 * 7 + 1
-    fp, q = fastllm.load(src), fastllm.load(tmp_path / "int4")
+    fp, q = fastllm.load(src, "torch"), fastllm.load(tmp_path / "int4", "torch")
     assert isinstance(q.lm_head, fastllm.Int4Linear) and isinstance(q.layers[0].w13, fastllm.Int4Linear)
     cos, agree = [], []
     for seed in range(4):
@@ -157,8 +158,9 @@ def test_rtn_int4_model_logits_close_to_fp32(reference_lm, tmp_path):
     assert sum(agree) >= 2, agree
 
 
-def test_sampling_seeded_and_nucleus(gqa_lm, tmp_path):
-    fast = fastllm.load(_saved(gqa_lm, tmp_path / "m"))
+@pytest.mark.parametrize("engine", fastllm.ENGINES)
+def test_sampling_seeded_and_nucleus(gqa_lm, engine, tmp_path):
+    fast = fastllm.load(_saved(gqa_lm, tmp_path / "m"), engine)
     emb = _embeds(gqa_lm)
     a = fastllm.generate(fast, emb, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5)
     b = fastllm.generate(fast, emb, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5)
@@ -171,7 +173,8 @@ def test_sampling_seeded_and_nucleus(gqa_lm, tmp_path):
         fastllm.generate(fast, emb, max_new_tokens=1000)
 
 
-def test_fast_llm_stage_matches_transformers_stage(reference_lm, tmp_path):
+@pytest.mark.parametrize("engine", fastllm.ENGINES)
+def test_fast_llm_stage_matches_transformers_stage(reference_lm, engine, tmp_path):
     """The runtime stage (query_embeds into the prompt's <image> slots) gives the same tokens
     as runtime.llm.TransformersLLM on the same bundle LLM directory."""
     from ib_edge.runtime.llm import TransformersLLM
@@ -183,7 +186,9 @@ def test_fast_llm_stage_matches_transformers_stage(reference_lm, tmp_path):
     image_id, nq = 5, 4
     model = {"image_token_id": image_id, "is_encoder_decoder": False, "eos_token_id": reference_lm.config.eos_token_id}
     art = {"dir": "llm", "format": "safetensors", "dtype": "float32"}
-    ours = fastllm.FastLLM(Manifest(tmp_path, {"model": model, "artifacts": {"llm": {**art, "backend": "fastllm"}}}))
+    ours = fastllm.FastLLM(Manifest(tmp_path, {"model": model, "artifacts": {"llm": {**art, "backend": "fastllm"}}}),
+                           engine=engine)
+    assert ours.engine == engine
     ref = TransformersLLM(Manifest(tmp_path, {"model": model, "artifacts": {"llm": {**art, "backend": "transformers"}}}))
     ids = np.array([[image_id] * nq + [1, 40, 41, 42, 43]], dtype=np.int64)
     mask = np.ones_like(ids)
@@ -228,12 +233,13 @@ def test_fast_llm_beams_take_the_checkpoints_generation_config(reference_lm, tmp
     assert seen["length_penalty"] == 2.0 and seen["early_stopping"] is True and seen["num_beams"] == 3
 
 
+@pytest.mark.parametrize("engine", fastllm.ENGINES)
 @pytest.mark.parametrize("which", ["reference_lm", "gqa_lm"])
-def test_beam_search_matches_transformers(which, request, tmp_path):
+def test_beam_search_matches_transformers(which, engine, request, tmp_path):
     """fastllm.beam_search on the static cache against transformers' beam search on the same
     fp32 weights: same tokens, with and without EOS ending beams early."""
     lm = request.getfixturevalue(which)
-    fast = fastllm.load(_saved(lm, tmp_path / "fp32"))
+    fast = fastllm.load(_saved(lm, tmp_path / "fp32"), engine)
     ended_early = 0
     for seed in range(4):
         emb = _embeds(lm, seed=seed)
@@ -269,8 +275,10 @@ def test_decode_bench_smoke():
     res = fastllm.bench("smoke", group_size=64, prompt_len=8, new_tokens=24, hf_tokens=12)
     assert res["int4_decode_tok_s"] > 0 and res["transformers_fp32_decode_tok_s"] > 0
     assert res["int4_weight_MB_per_token"] > 0 and res["read_bandwidth_GB_s"] > 0
+    assert res["engine"] == "ort" and res["torch_engine"]["decode_tok_s"] > 0
     # the linears alone cannot take longer than a whole decode step that runs them all
-    assert 0 < res["linears_alone_ms_per_token"] < 1.5 * res["decode_ms_per_token"]
+    tor = res["torch_engine"]
+    assert 0 < tor["linears_alone_ms_per_token"] < 1.5 * tor["decode_ms_per_token"]
     nf4 = res["transformers_bnb_nf4"]
     assert nf4["measured"] == (importlib.util.find_spec("bitsandbytes") is not None), nf4
     if nf4["measured"]:

@@ -59,6 +59,31 @@ def test_rtn_bundle_manifest_and_runtime(rtn_bundle, bundle_dir):
     assert min(cos) > 0.95, cos
 
 
+def test_llm_engines_agree_on_the_int4_bundle(rtn_bundle, tmp_path):
+    """--llm-engine ort (default) and torch run the same int4 weights: first-token logits agree
+    (cosine >= 0.999) through the whole pipeline, both CLIs answer, a bad engine is one line."""
+    pipes = {e: Pipeline.load(rtn_bundle, llm_engine=e) for e in ("ort", "torch")}
+    assert pipes["ort"].llm.engine == "ort" and pipes["torch"].llm.engine == "torch"
+    assert Pipeline.load(rtn_bundle).llm.engine == "ort"
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), np.uint8))
+    logits = {}
+    for e, pipe in pipes.items():
+        q, enc = _first_logits(pipe, image, "What is in the picture?")
+        pipe.llm.model.setup_cache(enc["input_ids"].shape[1] + 1)
+        logits[e] = pipe.llm.model(pipe.llm.embeds(q, enc["input_ids"]), 0)[0]
+    cos = float(torch.nn.functional.cosine_similarity(logits["ort"], logits["torch"], dim=0))
+    assert cos >= 0.999, cos
+    img = tmp_path / "x.png"
+    image.save(img)
+    cli = [sys.executable, "-m", "ib_edge.runtime.cli", "--bundle", str(rtn_bundle), str(img), "hi",
+           "--max-new-tokens", "3", "--json"]
+    for e in ("ort", "torch"):
+        ok = subprocess.run(cli + ["--llm-engine", e], capture_output=True, text=True, timeout=300)
+        assert ok.returncode == 0 and json.loads(ok.stdout)["answer"] is not None, ok.stderr
+    bad = subprocess.run(cli + ["--llm-engine", "tensorrt"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--llm-engine" in bad.stderr
+
+
 def test_fast_runtime_beams_and_refusals(rtn_bundle, tmp_path):
     """The int4 bundle takes --num-beams through the CLI; beams with sampling, or zero beams,
     get one line and exit 2."""

@@ -168,7 +168,7 @@ def test_old_int4_checkpoints_still_load_on_the_fast_runtime(tmp_path):
     lm.save_pretrained(tmp_path / "fp32", safe_serialization=True)
     rec = int4.quantize_model_dir(tmp_path / "fp32", tmp_path / "int4", group_size=32)
     assert (rec["format"], rec["format_version"]) == ("ib-edge-int4", "1")
-    fast = fastllm.load(tmp_path / "int4")
+    fast = fastllm.load(tmp_path / "int4", "torch")
     assert isinstance(fast.lm_head, fastllm.Int4Linear)
 
 

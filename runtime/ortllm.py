@@ -1,0 +1,236 @@
+"""The fast LLM's whole decoder step as one ONNX Runtime graph (onnxruntime-genai style).
+
+Same weights, same interface as ``fastllm.FastLlama`` (forward(inputs_embeds, start) -> last
+position's logits, a static KV cache, expand/reorder for beams), so ``fastllm.generate`` and
+``fastllm.beam_search`` drive either. Built in memory at load time from the same bundle files
+(the int4 layout of ``fastllm`` maps 1:1 onto ``MatMulNBits``), nothing extra stored.
+
+Per layer: SimplifiedLayerNormalization (RMSNorm) -> fused q/k/v ``MatMulNBits`` ->
+``GroupQueryAttention`` (rotary inside, KV cache in BNSH with past and present bound to the same
+buffer, so nothing is copied per step) -> o ``MatMulNBits`` -> residual Add -> RMSNorm -> fused
+gate/up ``MatMulNBits`` -> SiLU * up -> down ``MatMulNBits`` -> residual Add. Then the final
+norm and lm_head on the last position only. Why: torch's CPU int4 kernel streams the decode
+weights at 13-18 GB/s on this machine, ``MatMulNBits`` (int8 compute, ``accuracy_level`` 4) at
+~26 GB/s (``python -m ib_edge.bench.kernels``), and one graph keeps the Python loop out of the step.
+
+Weights reach ONNX Runtime as OrtValues over our own numpy arrays
+(``SessionOptions.add_external_initializers``): the graph proto holds no weight bytes (no 2 GB
+protobuf limit, no serialisation copy).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import BundleError, InputError
+
+ACCURACY_LEVEL = 4          # MatMulNBits: int8 activations x int4 weights (the fast CPU path)
+_PLACEHOLDER = "ib-edge-in-memory"
+
+
+def _nbits(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, group: int):
+    """fastllm's portable int4 (qweight uint8 [N, K/2] low nibble = even k, scales [N, K/G],
+    qzeros uint8 [N, K/G]) -> MatMulNBits' B [N, K/G, G/2], scales [N, K/G], packed zero points
+    [N, ceil(K/G / 2)] (low nibble = even block)."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    nb = k // group
+    b = np.ascontiguousarray(qweight.numpy().reshape(n, nb, group // 2))
+    s = np.ascontiguousarray(scales.float().numpy())
+    zp = qzeros.numpy().astype(np.uint8)
+    if nb % 2:
+        zp = np.concatenate([zp, np.full((n, 1), 8, np.uint8)], axis=1)
+    zp = np.ascontiguousarray(zp[:, 0::2] | (zp[:, 1::2] << 4))
+    return b, s, zp, n, k
+
+
+class _Graph:
+    """Nodes plus weights held as numpy arrays (fed to ORT as external initializers)."""
+
+    def __init__(self):
+        from onnx import helper
+
+        self.h = helper
+        self.nodes, self.inits, self.arrays = [], [], {}
+        self.n = 0
+
+    def name(self, base: str) -> str:
+        self.n += 1
+        return f"{base}_{self.n}"
+
+    def weight(self, name: str, arr: np.ndarray) -> str:
+        from onnx import TensorProto, helper
+
+        arr = np.ascontiguousarray(arr)
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for key, val in (("location", _PLACEHOLDER), ("offset", "0"), ("length", str(arr.nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = key, val
+        self.inits.append(t)
+        self.arrays[name] = arr
+        return name
+
+    def const(self, name: str, arr: np.ndarray) -> str:  # small constants live in the proto
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def op(self, op: str, inputs, n_out: int = 1, domain: str = "", **attrs):
+        outs = [self.name(op) for _ in range(n_out)]
+        self.nodes.append(self.h.make_node(op, list(inputs), outs, name=self.name(op + "_n"), domain=domain, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def linear(self, x: str, spec, tag: str) -> str:
+        if spec.kind == "int4":
+            g = spec.group_size
+            if g < 16 or g & (g - 1):
+                raise BundleError(f"int4 group size {g} is not supported by ONNX Runtime's MatMulNBits "
+                                  f"(a power of two >= 16)", hint="run with --llm-engine torch")
+            b, s, zp, n, k = _nbits(spec.qweight, spec.scales, spec.qzeros, spec.group_size)
+            y = self.op("MatMulNBits", [x, self.weight(tag + ".B", b), self.weight(tag + ".scales", s),
+                                        self.weight(tag + ".zp", zp)],
+                        domain="com.microsoft", K=k, N=n, bits=4, block_size=spec.group_size,
+                        accuracy_level=ACCURACY_LEVEL)
+        else:
+            y = self.op("MatMul", [x, self.weight(tag + ".wT", spec.weight.float().t().contiguous().numpy())])
+        if spec.bias is not None:
+            y = self.op("Add", [y, self.weight(tag + ".bias", spec.bias.float().numpy())])
+        return y
+
+    def rms(self, x: str, w: torch.Tensor, eps: float, tag: str) -> str:
+        return self.op("SimplifiedLayerNormalization", [x, self.weight(tag, w.float().numpy())], axis=-1, epsilon=eps)
+
+
+def build_graph(a, specs):
+    """The decoder-step ONNX model (weights as external placeholders) and its weight arrays."""
+    from onnx import TensorProto, helper
+
+    g = _Graph()
+    f, i32 = TensorProto.FLOAT, TensorProto.INT32
+    inputs = [helper.make_tensor_value_info("inputs_embeds", f, ["batch", "seq", a.hidden_size]),
+              helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
+              helper.make_tensor_value_info("total_sequence_length", i32, [])]
+    outputs = [helper.make_tensor_value_info("logits", f, ["batch", a.vocab_size])]
+    inv = 1.0 / (a.rope_theta ** (np.arange(0, a.hd, 2, dtype=np.int64).astype(np.float32) / a.hd))
+    freqs = np.outer(np.arange(a.max_positions, dtype=np.float32), inv)
+    cos = g.weight("cos_cache", np.cos(freqs).astype(np.float32))
+    sin = g.weight("sin_cache", np.sin(freqs).astype(np.float32))
+    x = "inputs_embeds"
+    for li, layer in enumerate(specs.layers):
+        p = f"l{li}"
+        qkv = g.linear(g.rms(x, layer.attn_norm, a.rms_eps, p + ".attn_norm"), layer.qkv, p + ".qkv")
+        past_k, past_v = f"past_key.{li}", f"past_value.{li}"
+        pres_k, pres_v = f"present_key.{li}", f"present_value.{li}"
+        cache = ["batch", a.n_kv_heads, "max_len", a.hd]
+        inputs += [helper.make_tensor_value_info(n, f, cache) for n in (past_k, past_v)]
+        outputs += [helper.make_tensor_value_info(n, f, cache) for n in (pres_k, pres_v)]
+        attn = g.name("attn")
+        g.nodes.append(helper.make_node(
+            "GroupQueryAttention", [qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length", cos, sin],
+            [attn, pres_k, pres_v], name=g.name("gqa"), domain="com.microsoft",
+            num_heads=a.n_heads, kv_num_heads=a.n_kv_heads, do_rotary=1, rotary_interleaved=0))
+        x = g.op("Add", [x, g.linear(attn, layer.o, p + ".o")])
+        gu = g.linear(g.rms(x, layer.ffn_norm, a.rms_eps, p + ".ffn_norm"), layer.gate_up, p + ".gate_up")
+        gate, up = g.op("Split", [gu, g.const(g.name("split"), np.array([a.intermediate_size] * 2, np.int64))],
+                        n_out=2, axis=-1)
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+        x = g.op("Add", [x, g.linear(act, layer.down, p + ".down")])
+    last = g.op("Slice", [x, g.const("last_start", np.array([-1], np.int64)),
+                          g.const("last_end", np.array([np.iinfo(np.int64).max], np.int64)),
+                          g.const("last_axis", np.array([1], np.int64))])
+    y = g.linear(g.rms(last, specs.norm, a.rms_eps, "final_norm"), specs.head, "lm_head")
+    g.nodes.append(helper.make_node("Reshape", [y, g.const("logits_shape", np.array([-1, a.vocab_size], np.int64))],
+                                    ["logits"], name="logits_reshape"))
+    graph = helper.make_graph(g.nodes, "ib_edge_llama_step", inputs, outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    return model, g.arrays
+
+
+class OrtLlama:
+    """forward(inputs_embeds [B, T, D], start) -> logits of the last position [B, V], filling the
+    static KV cache at positions start..start+T-1 (as ``fastllm.FastLlama``)."""
+
+    def __init__(self, a, specs, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.a = a
+        self.embed = nn.Embedding.from_pretrained(specs.embed.float(), freeze=True)
+        self._weight_bytes = specs.weight_bytes_per_token(a)
+        model, arrays = build_graph(a, specs)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 4   # failures become one BundleError line below
+        names = list(arrays)
+        opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(arrays[n]) for n in names])
+        try:
+            self.sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own exception types
+            raise BundleError(f"ONNX Runtime cannot build the LLM decoder graph: {str(e).splitlines()[0]}",
+                              hint="run with --llm-engine torch") from None
+        del arrays, model  # ORT copied the weights into its own (prepacked) buffers
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        self.max_len = 0
+        self._logits = None
+
+    # --- the KV cache (torch tensors whose memory ORT reads and writes in place) ---
+    def setup_cache(self, max_len: int, batch: int = 1) -> None:
+        a = self.a
+        if max_len > a.max_positions:
+            raise InputError(f"prompt + new tokens ({max_len}) exceed the LLM's {a.max_positions} positions")
+        if self.k_cache and self.max_len >= max_len and self.k_cache[0].shape[0] == batch:
+            return
+        shape = (batch, a.n_kv_heads, max_len, a.hd)
+        self.k_cache = [torch.zeros(shape) for _ in range(a.n_layers)]
+        self.v_cache = [torch.zeros(shape) for _ in range(a.n_layers)]
+        self.max_len = max_len
+
+    def expand_cache(self, batch: int) -> None:
+        self.k_cache = [kc.expand(batch, -1, -1, -1).contiguous() for kc in self.k_cache]
+        self.v_cache = [vc.expand(batch, -1, -1, -1).contiguous() for vc in self.v_cache]
+
+    def reorder_cache(self, rows: torch.Tensor, filled: int) -> None:
+        if torch.equal(rows, torch.arange(len(rows))):
+            return
+        for kc, vc in zip(self.k_cache, self.v_cache):
+            kc[:, :, :filled] = kc[:, :, :filled].index_select(0, rows)
+            vc[:, :, :filled] = vc[:, :, :filled].index_select(0, rows)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        return self.forward(x, start)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        if start + t > self.max_len:
+            raise InputError(f"position {start + t} is past the KV cache ({self.max_len}); call setup_cache")
+        if not self.k_cache or self.k_cache[0].shape[0] != b:
+            raise InputError(f"batch {b} does not match the KV cache's {self.k_cache[0].shape[0] if self.k_cache else 0}")
+        x = x.float().contiguous()
+        io = self.sess.io_binding()
+        _bind(io.bind_input, "inputs_embeds", x)
+        seqlens = np.full((b,), start + t - 1, np.int32)
+        total = np.array(start + t, np.int32)
+        io.bind_cpu_input("seqlens_k", seqlens)
+        io.bind_cpu_input("total_sequence_length", total)
+        for i, (kc, vc) in enumerate(zip(self.k_cache, self.v_cache)):
+            for kind, buf in (("key", kc), ("value", vc)):
+                _bind(io.bind_input, f"past_{kind}.{i}", buf)
+                _bind(io.bind_output, f"present_{kind}.{i}", buf)
+        logits = torch.empty(b, self.a.vocab_size)
+        _bind(io.bind_output, "logits", logits)
+        self.sess.run_with_iobinding(io)
+        return logits
+
+    def weight_bytes_per_token(self) -> int:
+        return self._weight_bytes
+
+
+def _bind(fn, name: str, t: torch.Tensor) -> None:
+    fn(name, "cpu", 0, np.float32, list(t.shape), t.data_ptr())
