@@ -201,24 +201,19 @@ def _rope(x, cos, sin):  # transformers' rotate_half convention
     return x * cos + rot * sin
 
 
-class FastLlama(nn.Module):
-    """forward(inputs_embeds [B, T, D], start) -> logits of the last position [B, V], filling the
-    static KV cache at positions start..start+T-1."""
+def rope_freqs(a: LlamaArgs) -> torch.Tensor:
+    """position x inverse frequency [max_positions, hd/2] (transformers' default rope)."""
+    inv = 1.0 / (a.rope_theta ** (torch.arange(0, a.hd, 2, dtype=torch.int64).float() / a.hd))
+    return torch.outer(torch.arange(a.max_positions, dtype=torch.float32), inv)
 
-    def __init__(self, a: LlamaArgs, embed: torch.Tensor, blocks: list[Block], norm: torch.Tensor, lm_head: nn.Module):
-        super().__init__()
-        self.a = a
-        self.embed = nn.Embedding.from_pretrained(embed.float(), freeze=True)
-        self.layers = nn.ModuleList(blocks)
-        self.register_buffer("norm", norm.float())
-        self.lm_head = lm_head
-        inv = 1.0 / (a.rope_theta ** (torch.arange(0, a.hd, 2, dtype=torch.int64).float() / a.hd))
-        freqs = torch.outer(torch.arange(a.max_positions, dtype=torch.float32), inv)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos, self.sin = emb.cos(), emb.sin()
-        self.k_cache: list[torch.Tensor] = []
-        self.v_cache: list[torch.Tensor] = []
-        self.max_len = 0
+
+class StaticKVCache:
+    """Per-layer K/V buffers [batch, kv_heads, max_len, head_dim] (fp32), shared by both engines:
+    the torch engine writes them itself, the ONNX Runtime engine binds them as past and present."""
+    a: LlamaArgs
+    k_cache: list
+    v_cache: list
+    max_len: int
 
     def setup_cache(self, max_len: int, batch: int = 1) -> None:
         a = self.a
@@ -244,6 +239,25 @@ class FastLlama(nn.Module):
         for kc, vc in zip(self.k_cache, self.v_cache):
             kc[:, :, :filled] = kc[:, :, :filled].index_select(0, rows)
             vc[:, :, :filled] = vc[:, :, :filled].index_select(0, rows)
+
+
+class FastLlama(nn.Module, StaticKVCache):
+    """forward(inputs_embeds [B, T, D], start) -> logits of the last position [B, V], filling the
+    static KV cache at positions start..start+T-1."""
+
+    def __init__(self, a: LlamaArgs, embed: torch.Tensor, blocks: list[Block], norm: torch.Tensor, lm_head: nn.Module):
+        super().__init__()
+        self.a = a
+        self.embed = nn.Embedding.from_pretrained(embed.float(), freeze=True)
+        self.layers = nn.ModuleList(blocks)
+        self.register_buffer("norm", norm.float())
+        self.lm_head = lm_head
+        freqs = rope_freqs(a)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos, self.sin = emb.cos(), emb.sin()
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        self.max_len = 0
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:

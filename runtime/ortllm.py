@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import BundleError, InputError
+from .fastllm import StaticKVCache, rope_freqs
 
 ACCURACY_LEVEL = 4          # MatMulNBits: int8 activations x int4 weights (the fast CPU path)
 _PLACEHOLDER = "ib-edge-in-memory"
@@ -113,10 +114,9 @@ def build_graph(a, specs):
               helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
               helper.make_tensor_value_info("total_sequence_length", i32, [])]
     outputs = [helper.make_tensor_value_info("logits", f, ["batch", a.vocab_size])]
-    inv = 1.0 / (a.rope_theta ** (np.arange(0, a.hd, 2, dtype=np.int64).astype(np.float32) / a.hd))
-    freqs = np.outer(np.arange(a.max_positions, dtype=np.float32), inv)
-    cos = g.weight("cos_cache", np.cos(freqs).astype(np.float32))
-    sin = g.weight("sin_cache", np.sin(freqs).astype(np.float32))
+    freqs = rope_freqs(a)
+    cos = g.weight("cos_cache", freqs.cos().numpy())
+    sin = g.weight("sin_cache", freqs.sin().numpy())
     x = "inputs_embeds"
     for li, layer in enumerate(specs.layers):
         p = f"l{li}"
@@ -150,7 +150,7 @@ def build_graph(a, specs):
     return model, g.arrays
 
 
-class OrtLlama:
+class OrtLlama(StaticKVCache):
     """forward(inputs_embeds [B, T, D], start) -> logits of the last position [B, V], filling the
     static KV cache at positions start..start+T-1 (as ``fastllm.FastLlama``)."""
 
@@ -177,29 +177,6 @@ class OrtLlama:
         self.v_cache: list[torch.Tensor] = []
         self.max_len = 0
         self._logits = None
-
-    # --- the KV cache (torch tensors whose memory ORT reads and writes in place) ---
-    def setup_cache(self, max_len: int, batch: int = 1) -> None:
-        a = self.a
-        if max_len > a.max_positions:
-            raise InputError(f"prompt + new tokens ({max_len}) exceed the LLM's {a.max_positions} positions")
-        if self.k_cache and self.max_len >= max_len and self.k_cache[0].shape[0] == batch:
-            return
-        shape = (batch, a.n_kv_heads, max_len, a.hd)
-        self.k_cache = [torch.zeros(shape) for _ in range(a.n_layers)]
-        self.v_cache = [torch.zeros(shape) for _ in range(a.n_layers)]
-        self.max_len = max_len
-
-    def expand_cache(self, batch: int) -> None:
-        self.k_cache = [kc.expand(batch, -1, -1, -1).contiguous() for kc in self.k_cache]
-        self.v_cache = [vc.expand(batch, -1, -1, -1).contiguous() for vc in self.v_cache]
-
-    def reorder_cache(self, rows: torch.Tensor, filled: int) -> None:
-        if torch.equal(rows, torch.arange(len(rows))):
-            return
-        for kc, vc in zip(self.k_cache, self.v_cache):
-            kc[:, :, :filled] = kc[:, :, :filled].index_select(0, rows)
-            vc[:, :, :filled] = vc[:, :, :filled].index_select(0, rows)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, start: int) -> torch.Tensor:
