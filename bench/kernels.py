@@ -4,8 +4,9 @@
 
 * Decode: the 88 decoder linears of a TinyLlama-shaped LLM (22 layers of q/k/v fused, o,
   gate/up fused, down; int4, group 64 and 128) streamed from DRAM once, as one decode step
-  reads them: torch's ``_weight_int4pack_mm_for_cpu`` (our fast path) against ONNX Runtime's
-  ``MatMulNBits`` (int8 compute, ``accuracy_level=4``) with all 88 nodes in one session, and a
+  reads them: torch's ``_weight_int4pack_mm_for_cpu`` (the fast path's torch engine) against ONNX
+  Runtime's ``MatMulNBits`` (int8 compute, ``accuracy_level=4``; the ort engine's kernel) with all
+  88 nodes in one session, and a
   plain ``torch.sum`` over a 1 GiB array (read bandwidth). Separate weights per layer, so the
   caches cannot hold them (a single matrix timed in a loop fits in L3 and flatters a kernel 2-3x).
 * INT8 GEMM peak: a 2048-cube product in torch fp32, bf16, ``_int_mm`` (int8) and ORT

@@ -70,6 +70,13 @@ _WHY = ("measured on the first proof-t5 (g128, 241 calibration / 73 held-out tok
 # plan chosen at the edge of the search budget is not rejected for sampling noise alone
 SEARCH_BUDGET = Budget(0.999, 0.99, _WHY)
 VALIDATION_BUDGET = Budget(0.998, 0.98, _WHY + "; held-out inputs, never searched on")
+# 4-bit Llama bundles (--llm-quant rtn|gptq|awq), checked through the fast runtime's default
+# engine: a floor that catches a broken artifact (wrong packing, failed calibration), not a
+# quality target; the bench reports the quality figures.
+INT4_VALIDATION_BUDGET = Budget(0.98, 0.95, (
+    "measured on proof-llama held-out (14 examples, 64 teacher-forced tokens), ort engine: RTN g128 logits "
+    "cosine 0.98899, GPTQ 0.99981 (text-only calibration 0.99876), AWQ 0.99854 (text-only 0.99710), "
+    "decided top-1 0.984-1.0; a mis-packed layer drops cosine far below 0.9"))
 
 
 # A token is "decided" when fp32 gives its top-1 at least this probability. Top-1 flips where
@@ -251,6 +258,26 @@ class LogitsProbe:
     @torch.no_grad()
     def drift(self, model: nn.Module) -> Drift:
         return drift_of([self._logits(model, b) for b in self.batches], self.reference)
+
+    @torch.no_grad()
+    def drift_stepwise(self, model) -> Drift:
+        """Drift of a decoder-only model that returns last-position logits from a static KV
+        cache (the fast runtime's engines, ``model(x, start)``), run as it generates: each row
+        prefilled up to its prompt's last position, then teacher-forced one token at a time."""
+        if self.encoder_decoder:
+            raise WeightOnlyError("stepwise drift is for decoder-only LLMs")
+        got = []
+        for b in self.batches:
+            out = []
+            for i in dict.fromkeys(r for r, _ in b["select"]):      # rows in order
+                cols = [c for r, c in b["select"] if r == i]        # consecutive positions
+                first, last = cols[0], cols[-1]
+                x = b["inputs_embeds"][i:i + 1, :last + 1]
+                model.setup_cache(last + 1)
+                out.append(model(x[:, :first + 1], 0).float())
+                out += [model(x[:, p:p + 1], p).float() for p in range(first + 1, last + 1)]
+            got.append(torch.cat(out))
+        return drift_of(got, self.reference)
 
 
 def drift_of(got: list[torch.Tensor], reference: list[torch.Tensor]) -> Drift:

@@ -13,7 +13,10 @@ The int4 kernel (``aten._weight_int4pack_mm_for_cpu``) computes x @ dequant(W).T
 dequant = (q - 8) * s + z in bf16 (its fp32 path is a slow scalar fallback, measured 30-40x
 slower); so Int4Linear casts activations to bf16 and back. Everything else runs in fp32.
 
-    python -m ib_edge.runtime.fastllm --bench     # TinyLlama-shaped decode speed, int4 vs transformers
+The same weights also run on ONNX Runtime (``runtime/ortllm.py``, engine "ort", the default):
+``assemble``/``load`` pick the engine; ``generate`` and ``beam_search`` drive either.
+
+    python -m ib_edge.runtime.fastllm --bench     # TinyLlama-shaped decode speed: both engines, transformers, NF4
 """
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -36,6 +37,9 @@ def test_rtn_bundle_manifest_and_runtime(rtn_bundle, bundle_dir):
     assert llm["quantization"]["method"] == "rtn" and llm["quantization"]["group_size"] == 32
     assert llm["quantization"]["quantized_linears"] > 0
     assert "llm/generation_config.json" in llm["files"]  # kept for the runtime's beam settings
+    v = llm["quantization"]["validation"]   # checked through the runtime right after writing
+    assert v["engine"] == "ort" and v["inputs"]["split"] == "heldout" and v["tokens"] > 0
+    assert v["logits_cosine_mean"] >= v["budget"]["min_cosine_mean"] and v["within_budget"] is True
     pipe = Pipeline.load(rtn_bundle)
     ref = Pipeline.load(bundle_dir("llama"))
     from ib_edge.runtime.fastllm import FastLLM
@@ -99,6 +103,38 @@ def test_fast_runtime_beams_and_refusals(rtn_bundle, tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1 and "beam" in proc.stderr
     with pytest.raises(InputError):
         Pipeline.load(rtn_bundle).generate(Image.new("RGB", (40, 40)), "hi", num_beams=3, top_p=0.5)
+
+
+def test_broken_int4_llm_fails_validation_and_leaves_nothing(reference_dir, tmp_path, monkeypatch):
+    """A mis-packed int4 checkpoint (nibbles inverted after RTN) is caught by the export's
+    held-out validation through the runtime: ExportError naming the metric, no bundle written."""
+    from safetensors.torch import load_file, save_file
+
+    from ib_edge.export.bundle import ExportError, export_bundle
+    from ib_edge.quant import int4
+
+    real = int4.quantize_model_dir
+
+    def broken(src, dst, **kw):
+        rec = real(src, dst, **kw)
+        for f in Path(dst).glob("*.safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="pt") as sf:
+                meta = sf.metadata()
+            t = load_file(str(f))
+            save_file({k: (255 - v if k.endswith(".qweight") else v) for k, v in t.items()}, str(f), metadata=meta)
+        return rec
+
+    monkeypatch.setattr(int4, "quantize_model_dir", broken)
+    out = tmp_path / "b"
+    with pytest.raises(ExportError, match="int4 LLM validation.*cosine"):
+        export_bundle(str(reference_dir("llama")), out, llm_quant="rtn", group_size=32, quiet=True)
+    assert not out.exists() and not list(tmp_path.glob(".b*"))
+    # random-weight benchmark bundles (ib-bench --scale real) record the miss instead
+    export_bundle(str(reference_dir("llama")), out, llm_quant="rtn", group_size=32, quiet=True, llm_validation="record")
+    v = json.loads((out / "manifest.json").read_text())["artifacts"]["llm"]["quantization"]["validation"]
+    assert v["within_budget"] is False and v["logits_cosine_mean"] < 0.98
 
 
 def test_llm_quant_refuses_t5(reference_dir, tmp_path):
