@@ -373,16 +373,17 @@ def _validate_int4_llm(root: Path, manifest: dict, src: Path, q_dir: Path, calib
     fp32 = weight_only.load_fp32(src)
     probe = weight_only.LogitsProbe(fp32, heldout, manifest["model"]["image_token_id"])
     del fp32
-    d = probe.drift_stepwise(fastllm.load(q_dir, fastllm.DEFAULT_ENGINE))
+    model = fastllm.load(q_dir)          # the engine ib-run picks by default
+    d = probe.drift_stepwise(model)
     budget = weight_only.INT4_VALIDATION_BUDGET
     bad = budget.violations(d, "int4 LLM validation (held-out)")
     if bad and enforce:
         raise ExportError("; ".join(bad), hint="try --llm-quant gptq, a smaller --group-size, or --llm-quant mixed")
-    log(f"      held-out validation ({fastllm.DEFAULT_ENGINE} engine): logits cosine mean {d.cosine_mean:.5f}, "
+    log(f"      held-out validation ({model.engine} engine): logits cosine mean {d.cosine_mean:.5f}, "
         f"top-1 agreement {d.top1:.4f} over {d.tokens} tokens (budget cosine >= {budget.min_cosine_mean}, "
         f"decided top-1 >= {budget.min_top1})" + (f"; MISSED, kept (validation recorded only): {'; '.join(bad)}"
                                                   if bad else ""))
-    return {"reference": "fp32 LLM", "engine": fastllm.DEFAULT_ENGINE, "inputs": held_rec, **d.to_json(),
+    return {"reference": "fp32 LLM", "engine": model.engine, "inputs": held_rec, **d.to_json(),
             "budget": dataclasses.asdict(budget), "within_budget": not bad}
 
 

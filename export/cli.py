@@ -1,7 +1,7 @@
 """ib-export: turn an InstructBLIP checkpoint into a deploy bundle.
 
     ib-export [MODEL] [--out DIR] [--precision fp32|fp16|int8] [--calib DIR] [--recipe DIR]
-              [--llm-quant rtn|gptq|awq|int8|mixed] [--llm-calib multimodal|text] [--llm-plan PATH] [--revision REV] [--opset 18]
+              [--llm-quant rtn|gptq|awq|int8|mixed] [--llm-calib multimodal|text] [--llm-validation enforce|record] [--llm-plan PATH] [--revision REV] [--opset 18]
 
 MODEL is a shipped proof model (proof-llama, the default; proof-t5), a local checkpoint
 directory, or a hub id such as Salesforce/instructblip-vicuna-7b.
@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "instructions). Any family (T5, OPT, Llama), transformers runtime with low-bit kernels: "
                          "int8 (weight-only, per channel) or mixed (each linear int4/int8/fp32, the most "
                          "drift-sensitive kept in higher precision, chosen by measured logits drift)")
+    ap.add_argument("--llm-validation", default="enforce", choices=["enforce", "record"],
+                    help="4-bit Llama (--llm-quant rtn|gptq|awq): the held-out check through the runtime against "
+                         "fp32 refuses a bundle below its floor (enforce, default) or only records the figures "
+                         "in the manifest (record: for random-weight benchmark models)")
     ap.add_argument("--llm-calib", default="multimodal", choices=["multimodal", "text"],
                     help="with --llm-quant gptq|awq: multimodal (the bundle's query embeddings in the <image> slots "
                          "+ each instruction: what the LLM sees in InstructBLIP) or text (the instructions alone: "
@@ -101,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                                  opset=args.opset, seed=args.seed, calib=args.calib, calib_method=args.calib_method,
                                  recipe_dir=args.recipe, backend=args.backend, trt=trt, llm_quant=args.llm_quant,
                                  group_size=args.group_size, llm_plan=args.llm_plan, llm_calib=args.llm_calib,
+                                 llm_validation=args.llm_validation,
                                  int8_stages=args.int8_stages, quiet=args.quiet)
         except ExportValidationError as e:
             print(f"ib-export: error: {e}", file=sys.stderr)

@@ -73,10 +73,12 @@ VALIDATION_BUDGET = Budget(0.998, 0.98, _WHY + "; held-out inputs, never searche
 # 4-bit Llama bundles (--llm-quant rtn|gptq|awq), checked through the fast runtime's default
 # engine: a floor that catches a broken artifact (wrong packing, failed calibration), not a
 # quality target; the bench reports the quality figures.
-INT4_VALIDATION_BUDGET = Budget(0.98, 0.95, (
+INT4_VALIDATION_BUDGET = Budget(0.9, 0.95, (
     "measured on proof-llama held-out (14 examples, 64 teacher-forced tokens), ort engine: RTN g128 logits "
     "cosine 0.98899, GPTQ 0.99981 (text-only calibration 0.99876), AWQ 0.99854 (text-only 0.99710), "
-    "decided top-1 0.984-1.0; a mis-packed layer drops cosine far below 0.9"))
+    "decided top-1 0.984-1.0; the same RTN bundle with every nibble inverted: cosine 0.52 (tiny reference "
+    "Llama: -0.40), top-1 0.0. Random-weight models score low however correct the packing (1.1 B RTN g128: "
+    "~0.75), hence --llm-validation record for them"))
 
 
 # A token is "decided" when fp32 gives its top-1 at least this probability. Top-1 flips where

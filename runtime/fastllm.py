@@ -247,6 +247,7 @@ class StaticKVCache:
 class FastLlama(nn.Module, StaticKVCache):
     """forward(inputs_embeds [B, T, D], start) -> logits of the last position [B, V], filling the
     static KV cache at positions start..start+T-1."""
+    engine = "torch"
 
     def __init__(self, a: LlamaArgs, embed: torch.Tensor, blocks: list[Block], norm: torch.Tensor, lm_head: nn.Module):
         super().__init__()
@@ -408,9 +409,13 @@ class LinearSpec:
             return Int4Linear.from_int4(self.qweight, self.scales, self.qzeros, self.group_size, self.bias)
         return dense(self.weight, self.bias)
 
-    def nbytes(self) -> int:  # as stored: what one decode step has to read
-        ts = (self.qweight, self.scales, self.qzeros) if self.kind == "int4" else (self.weight,)
-        return sum(t.numel() * t.element_size() for t in ts)
+    def nbytes(self) -> int:
+        """What one decode step reads: int4 nibbles + fp32 scales + zero points two per byte (as
+        MatMulNBits holds them), or the float weight."""
+        if self.kind == "int4":
+            n, groups = self.scales.shape
+            return self.qweight.numel() + self.scales.numel() * 4 + n * ((groups + 1) // 2)
+        return self.weight.numel() * self.weight.element_size()
 
 
 @dataclasses.dataclass
@@ -454,6 +459,10 @@ def collect(a: LlamaArgs, tensors: dict[str, torch.Tensor], group_size: int | No
                 raise BundleError("int4 tensors found but the safetensors metadata gives no group_size")
             parts = [(get(n + ".qweight"), get(n + ".scales"), get(n + ".qzeros")) for n in names]
             q, s, z = (torch.cat(p) for p in zip(*parts))
+            n, k = q.shape[0], q.shape[1] * 2
+            if group_size < 1 or k % group_size or s.shape != (n, k // group_size) or z.shape != s.shape:
+                raise BundleError(f"{names[0]}: int4 scales/zeros shapes {tuple(s.shape)}/{tuple(z.shape)} do not "
+                                  f"match weight [{n}, {k}] with group size {group_size}", hint="re-export the bundle")
             return LinearSpec("int4", qweight=q, scales=s, qzeros=z, group_size=group_size, bias=b)
         return LinearSpec("dense", weight=torch.cat([get(n + ".weight") for n in names]), bias=b)
 
@@ -489,16 +498,40 @@ def build_torch(a: LlamaArgs, spec: ModelSpec) -> FastLlama:
 
 
 ENGINES = ("ort", "torch")
-DEFAULT_ENGINE = "ort"   # 2x the torch engine's decode rate on the TinyLlama-shaped bench (README)
+# preferred where it can run the model: ~1.5x the torch engine's decode rate on the
+# TinyLlama-shaped bench (median 37.6 vs 23.2-26.2 tokens/s, README)
+DEFAULT_ENGINE = "ort"
 
 
-def assemble(a: LlamaArgs, tensors: dict[str, torch.Tensor], group_size: int | None, engine: str = "torch",
+def ort_cannot_run(a: LlamaArgs, spec: ModelSpec) -> str | None:
+    """Why the ONNX Runtime engine cannot run this model (None when it can)."""
+    if a.hd % 16:
+        return f"head dim {a.hd} is not a multiple of 16 (ONNX Runtime's GroupQueryAttention)"
+    if a.n_heads % a.n_kv_heads:
+        return f"{a.n_heads} attention heads are not a multiple of {a.n_kv_heads} key/value heads"
+    for g in {s.group_size for l in spec.layers for s in (l.qkv, l.o, l.gate_up, l.down, spec.head)
+              if s.kind == "int4"}:
+        if g < 16 or g & (g - 1):
+            return f"int4 group size {g} is not a power of two >= 16 (ONNX Runtime's MatMulNBits)"
+    return None
+
+
+def pick_engine(a: LlamaArgs, spec: ModelSpec) -> str:
+    """The default: the ort engine for int4 decoder layers it can run; torch otherwise (fp32
+    weights: ORT keeps a second copy of dense weights, measured ~2x the torch engine's RSS)."""
+    int4_layers = all(s.kind == "int4" for l in spec.layers for s in (l.qkv, l.o, l.gate_up, l.down))
+    return DEFAULT_ENGINE if int4_layers and ort_cannot_run(a, spec) is None else "torch"
+
+
+def assemble(a: LlamaArgs, tensors: dict[str, torch.Tensor], group_size: int | None, engine: str | None = None,
              threads: int | None = None):
-    """The model on one engine: "torch" (FastLlama: our forward, torch's int4 kernel) or "ort"
-    (ortllm.OrtLlama: the whole step as one ONNX Runtime graph with MatMulNBits)."""
-    if engine not in ENGINES:
+    """The model on one engine: "torch" (FastLlama: our forward, torch's int4 kernel), "ort"
+    (ortllm.OrtLlama: the whole step as one ONNX Runtime graph with MatMulNBits), or None:
+    ``pick_engine``'s choice. ``model.engine`` says which."""
+    if engine is not None and engine not in ENGINES:
         raise InputError(f"LLM engine {engine!r} is not one of {', '.join(ENGINES)}")
     spec = collect(a, tensors, group_size)
+    engine = engine or pick_engine(a, spec)
     if engine == "ort":
         from .ortllm import OrtLlama
 
@@ -506,8 +539,9 @@ def assemble(a: LlamaArgs, tensors: dict[str, torch.Tensor], group_size: int | N
     return build_torch(a, spec)
 
 
-def load(model_dir: str | Path, engine: str = DEFAULT_ENGINE, threads: int | None = None):
-    """The LLM from ``config.json`` + ``*.safetensors`` (float weights or ib-edge int4) on ``engine``."""
+def load(model_dir: str | Path, engine: str | None = None, threads: int | None = None):
+    """The LLM from ``config.json`` + ``*.safetensors`` (float weights or ib-edge int4) on
+    ``engine`` (None: ``pick_engine``'s choice)."""
     from safetensors import safe_open
 
     d = Path(model_dir)
@@ -543,8 +577,8 @@ class FastLLM:
             raise BundleError(f"LLM artifact {art.get('backend')}/{art.get('format')} is not for the fast runtime")
         if threads:
             torch.set_num_threads(threads)
-        self.engine = engine or DEFAULT_ENGINE
-        self.model = load(manifest.path(art["dir"]), self.engine, threads)
+        self.model = load(manifest.path(art["dir"]), engine, threads)
+        self.engine = self.model.engine
         gen_path = manifest.path(art["dir"]) / "generation_config.json"
         try:
             gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import BundleError, InputError
-from .fastllm import StaticKVCache, rope_freqs
+from .fastllm import StaticKVCache, ort_cannot_run, rope_freqs
 
 ACCURACY_LEVEL = 4          # MatMulNBits: int8 activations x int4 weights (the fast CPU path)
 _PLACEHOLDER = "ib-edge-in-memory"
@@ -85,10 +85,6 @@ class _Graph:
 
     def linear(self, x: str, spec, tag: str) -> str:
         if spec.kind == "int4":
-            g = spec.group_size
-            if g < 16 or g & (g - 1):
-                raise BundleError(f"int4 group size {g} is not supported by ONNX Runtime's MatMulNBits "
-                                  f"(a power of two >= 16)", hint="run with --llm-engine torch")
             b, s, zp, n, k = _nbits(spec.qweight, spec.scales, spec.qzeros, spec.group_size)
             y = self.op("MatMulNBits", [x, self.weight(tag + ".B", b), self.weight(tag + ".scales", s),
                                         self.weight(tag + ".zp", zp)],
@@ -152,11 +148,16 @@ def build_graph(a, specs):
 
 class OrtLlama(StaticKVCache):
     """forward(inputs_embeds [B, T, D], start) -> logits of the last position [B, V], filling the
-    static KV cache at positions start..start+T-1 (as ``fastllm.FastLlama``)."""
+    static KV cache at positions start..start+T-1 (as ``fastllm.FastLlama``; a chunk after a
+    prefix, start > 0 and T > 1, only at batch 1: GroupQueryAttention's limit)."""
+    engine = "ort"
 
     def __init__(self, a, specs, threads: int | None = None):
         import onnxruntime as ort
 
+        why = ort_cannot_run(a, specs)
+        if why:
+            raise BundleError(f"the ort LLM engine cannot run this model: {why}", hint="run with --llm-engine torch")
         self.a = a
         self.embed = nn.Embedding.from_pretrained(specs.embed.float(), freeze=True)
         self._weight_bytes = specs.weight_bytes_per_token(a)
@@ -176,7 +177,6 @@ class OrtLlama(StaticKVCache):
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.max_len = 0
-        self._logits = None
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, start: int) -> torch.Tensor:
@@ -184,7 +184,13 @@ class OrtLlama(StaticKVCache):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        b, t, _ = x.shape
+        b, t, d = x.shape
+        if d != self.a.hidden_size or t < 1:
+            raise InputError(f"inputs_embeds [{b}, {t}, {d}]: expected at least one position of width "
+                             f"{self.a.hidden_size}")
+        if b > 1 and t > 1 and start > 0:
+            raise InputError("the ort LLM engine runs a chunk after a prefix at batch 1 only "
+                             "(GroupQueryAttention); use --llm-engine torch")
         if start + t > self.max_len:
             raise InputError(f"position {start + t} is past the KV cache ({self.max_len}); call setup_cache")
         if not self.k_cache or self.k_cache[0].shape[0] != b:
