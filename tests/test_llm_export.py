@@ -166,3 +166,24 @@ def test_gptq_awq_bundle(method, calib, reference_dir, tmp_path):
     pipe = Pipeline.load(out)
     res = pipe.run(Image.new("RGB", (64, 64), (200, 20, 20)), "What color?", max_new_tokens=4)
     assert isinstance(pipe.llm, FastLLM) and 1 <= len(res.token_ids) <= 4
+
+
+def test_export_cli_passes_llm_validation(monkeypatch, tmp_path):
+    """ib-export --llm-validation reaches export_bundle (default enforce); a bad value is refused."""
+    from ib_edge.export import bundle, cli
+
+    seen = {}
+
+    def fake(model, out, **kw):
+        seen.update(kw)
+        return Path(out)
+
+    monkeypatch.setattr(bundle, "export_bundle", fake)
+    assert cli.main(["proof-llama", "--out", str(tmp_path / "b"), "--llm-quant", "rtn", "--quiet"]) == 0
+    assert seen["llm_validation"] == "enforce"
+    assert cli.main(["proof-llama", "--out", str(tmp_path / "b"), "--llm-quant", "rtn", "--quiet",
+                     "--llm-validation", "record"]) == 0
+    assert seen["llm_validation"] == "record"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["proof-llama", "--llm-validation", "maybe"])
+    assert e.value.code == 2
