@@ -114,12 +114,14 @@ def render_markdown(result: dict) -> str:
     for s in syss:
         b, r = s["bandwidth_bound"], s["decode_tokens_per_s"]
         wb = b.get("weights_bytes_per_token")
-        rows.append([_label(s), _f(r.get("p50")), _f(r.get("p90")), _f(s["new_tokens"].get("p50"), "{:.0f}"),
+        rows.append([_label(s), s.get("providers", {}).get("llm") or "transformers",
+                     _f(r.get("p50")), _f(r.get("p90")), _f(s["new_tokens"].get("p50"), "{:.0f}"),
                      _f(None if wb is None else wb / 2**20, "{:.1f}"), _f(b.get("bound_tokens_per_s")),
                      _f(b.get("percent_of_bound"), "{:.2f}%") if "reason" not in b else b["reason"]])
-    L += _table(["system", "tokens/s p50", "tokens/s p90", "new tokens", "LLM MB read/token", "bound tokens/s",
-                 "% of bound"], rows)
-    L += ["- tokens/s = (new tokens − 1) / llm_decode time; the first token belongs to prefill.",
+    L += _table(["system", "LLM engine", "tokens/s p50", "tokens/s p90", "new tokens", "LLM MB read/token",
+                 "bound tokens/s", "% of bound"], rows)
+    L += ["- LLM engine: ort / torch for the fast 4-bit path (ib-run --llm-engine), transformers otherwise.",
+          "- tokens/s = (new tokens − 1) / llm_decode time; the first token belongs to prefill.",
           "- bound = memory bandwidth / LLM weight bytes per token (all weights but the input embedding).",
           "- % of bound near 100 means decode is limited by memory; a tiny LLM that fits in cache is "
           "limited by per-token overhead instead, and the percentage says little.", ""]

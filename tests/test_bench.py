@@ -69,6 +69,9 @@ def test_report_files(bench_run):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
         assert f"({png})" in md
     assert "not available: bitsandbytes" in md or result["baselines"]["transformers_bnb_nf4"]["available"]
+    # the LLM engine of every bundle is recorded and shown (these bundles run the transformers LLM)
+    assert "| LLM engine |" in md
+    assert all(b["providers"]["llm"] == "transformers" for b in result["bundles"]), result["bundles"]
 
 
 def _check_latency(rec):
