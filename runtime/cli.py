@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ONNX Runtime providers in order of preference: tensorrt,cuda,cpu (default cpu); "
                          "for ONNX bundles, a TensorRT-engine bundle ignores it")
     ap.add_argument("--llm-engine", default=None, metavar="ort|torch",
-                    help="engine of the fast 4-bit/fp32 Llama path: ort (default: the whole decoder step as "
-                         "one ONNX Runtime graph, MatMulNBits) or torch (our torch forward, torch's int4 "
-                         "kernel); other bundles ignore it")
+                    help="engine of the fast 4-bit/fp32 Llama path: ort (the whole decoder step as one ONNX "
+                         "Runtime graph, MatMulNBits) or torch (our torch forward, torch's int4 kernel); default: "
+                         "ort where it can run the model (int4 layers), else torch; other bundles ignore it")
     ap.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
     ap.add_argument("--json", action="store_true", help="print one JSON object: answer and timings_ms")
     return ap

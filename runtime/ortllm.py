@@ -163,9 +163,7 @@ class OrtLlama(StaticKVCache):
             raise BundleError(f"ONNX Runtime cannot build the LLM decoder graph: {str(e).splitlines()[0]}",
                               hint="run with --llm-engine torch") from None
         del arrays, model  # ORT copied the weights into its own (prepacked) buffers
-        self.k_cache: list[torch.Tensor] = []
-        self.v_cache: list[torch.Tensor] = []
-        self.max_len = 0
+        self._no_cache()
         self._io = self._io_cache = None
 
     def __call__(self, x: torch.Tensor, start: int) -> torch.Tensor:
