@@ -1,7 +1,7 @@
 """ib-run: answer a question about an image from a deploy bundle.
 
     ib-run [--bundle DIR] IMAGE PROMPT [--max-new-tokens N] [--num-beams N]
-           [--temperature T] [--top-p P] [--seed S] [--llm-engine ort|torch] [--json]
+           [--temperature T] [--top-p P] [--seed S] [--llm-engine ort|torch|cuda] [--device cuda|cpu] [--json]
 
 Tokens stream to stdout as they are generated; with --json one JSON object is printed at the
 end instead. Any problem with the image, the prompt or the bundle gets one line on stderr and
@@ -31,10 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--providers", default=None,
                     help="ONNX Runtime providers in order of preference: tensorrt,cuda,cpu (default cpu); "
                          "for ONNX bundles, a TensorRT-engine bundle ignores it")
-    ap.add_argument("--llm-engine", default=None, metavar="ort|torch",
+    ap.add_argument("--llm-engine", default=None, metavar="ort|torch|cuda",
                     help="engine of the fast 4-bit/fp32 Llama path: ort (the whole decoder step as one ONNX "
-                         "Runtime graph, MatMulNBits) or torch (our torch forward, torch's int4 kernel); default: "
-                         "ort where it can run the model (int4 layers), else torch; other bundles ignore it")
+                         "Runtime graph, MatMulNBits), torch (our torch forward, torch's CPU int4 kernel) or cuda "
+                         "(the GPU: torch's CUDA int4 kernel, one CUDA graph per step); default: cuda when a GPU "
+                         "of compute capability >= 8.0 is present, else ort where it can run the model (int4 "
+                         "layers), else torch; other bundles ignore it")
+    ap.add_argument("--device", default=None, metavar="cuda|cpu",
+                    help="where the fast-path LLM runs: cuda (the cuda engine; an error without a usable GPU) or "
+                         "cpu (ort/torch); default: cuda when available")
     ap.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
     ap.add_argument("--json", action="store_true", help="print one JSON object: answer and timings_ms")
     return ap
@@ -70,15 +75,17 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("--top-p must be in (0, 1]")
         if args.temperature < 0:
             raise InputError("--temperature must be >= 0")
-        if args.llm_engine is not None and args.llm_engine not in ("ort", "torch"):
-            raise InputError(f"--llm-engine must be ort or torch, not {args.llm_engine!r}")
+        if args.llm_engine is not None and args.llm_engine not in ("ort", "torch", "cuda"):
+            raise InputError(f"--llm-engine must be ort, torch or cuda, not {args.llm_engine!r}")
+        if args.device is not None and args.device not in ("cuda", "cpu"):
+            raise InputError(f"--device must be cuda or cpu, not {args.device!r}")
         providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
         # Check the cheap things (image, prompt) before loading the models.
         from .preprocess import load_image
 
         image = load_image(args.image)
         pipe = Pipeline.load(args.bundle, providers=providers, threads=args.threads, verify=not args.no_verify,
-                             llm_engine=args.llm_engine)
+                             llm_engine=args.llm_engine, device=args.device)
         pipe.prompts.check(args.prompt)
 
         def stream(text: str) -> None:

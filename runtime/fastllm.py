@@ -286,6 +286,8 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     top-p (nucleus) warping, then one multinomial draw. logits: [V] (batch 1)."""
     if temperature <= 0 and top_p >= 1.0:
         return int(torch.argmax(logits))
+    if generator is not None and logits.device != generator.device:
+        logits = logits.cpu()  # a seeded draw is made where its generator lives (the cuda engine: the host)
     logits = logits.float() / (temperature if temperature > 0 else 1.0)
     if top_p < 1.0:
         sorted_logits, idx = torch.sort(logits)
@@ -335,7 +337,7 @@ def beam_search(model: FastLlama, inputs_embeds: torch.Tensor, *, num_beams: int
         raise InputError("the fast LLM runtime generates for batch size 1")
     t = inputs_embeds.shape[1]
     model.setup_cache(t + max_new_tokens, batch=1)
-    logits = model(inputs_embeds.float(), 0)            # [1, V]
+    logits = model(inputs_embeds.float(), 0).cpu()      # [1, V]; beam bookkeeping runs on the host
     if on_prefill is not None:
         on_prefill()
     model.expand_cache(num_beams)
@@ -386,7 +388,7 @@ def beam_search(model: FastLlama, inputs_embeds: torch.Tensor, *, num_beams: int
         if not (improvable and open_beam and not bool(hits.all())):
             break
         model.reorder_cache(rows, t + cur - 1)
-        logits = model(model.embed(running[:, cur - 1]).view(num_beams, 1, -1), t + cur - 1)
+        logits = model(model.embed(running[:, cur - 1]).view(num_beams, 1, -1), t + cur - 1).cpu()
     return [int(x) for x in finished[0, :int(finished_len[0])]]
 
 
@@ -526,6 +528,10 @@ def assemble(a: LlamaArgs, tensors: dict[str, torch.Tensor], group_size: int | N
     """The model on one engine: "torch" (FastLlama: our forward, torch's int4 kernel), "ort"
     (ortllm.OrtLlama: the whole step as one ONNX Runtime graph with MatMulNBits), or None:
     ``pick_engine``'s choice. ``model.engine`` says which."""
+    if engine == "cuda":  # the GPU engine (runtime/cudallm.py)
+        from .cudallm import CudaLlama
+
+        return CudaLlama(a, collect(a, tensors, group_size))
     if engine is not None and engine not in ENGINES:
         raise InputError(f"LLM engine {engine!r} is not one of {', '.join(ENGINES)}")
     spec = collect(a, tensors, group_size)
@@ -598,7 +604,7 @@ class FastLLM:
         mask = (ids == self.image_token_id).unsqueeze(-1)
         if int(mask.sum()) != query_embeds.shape[0] * query_embeds.shape[1] * 1:
             raise BundleError("prompt's image-token count does not match the Q-Former's query count")
-        return emb.masked_scatter(mask, torch.from_numpy(query_embeds).float())
+        return emb.masked_scatter(mask.to(emb.device), torch.from_numpy(query_embeds).to(emb.device, torch.float32))
 
     def generate(self, query_embeds, input_ids, attention_mask, *, decode, max_new_tokens: int = 32,
                  num_beams: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
 from .manifest import MANIFEST, Manifest, sha256_file
 from .preprocess import PromptEncoder, load_image, pixel_values
 from .stages import OnnxStage, session_providers
@@ -53,9 +54,17 @@ class Result:
 
 class Pipeline:
     def __init__(self, manifest: Manifest, providers=None, threads: int | None = None,
-                 llm_engine: str | None = None):
+                 llm_engine: str | None = None, device: str | None = None):
         self.manifest = manifest
         self.llm_engine = llm_engine
+        if manifest.artifact("llm").get("backend") == "fastllm":  # --device: runtime/cudallm.py
+            from .cudallm import resolve_llm_engine
+
+            self.llm_engine = resolve_llm_engine(llm_engine, device)
+        elif device == "cuda":
+            raise InputError("--device cuda runs fast-path (fastllm) LLM bundles; this bundle's LLM backend is "
+                             f"{manifest.artifact('llm').get('backend')!r}", hint="drop --device or re-export "
+                             "with --llm-quant")
         tok = manifest.data["tokenizers"]
         self.prompts = PromptEncoder(manifest.path(tok["llm"]), manifest.path(tok["qformer"]), manifest.model)
         self.vision = make_stage(manifest, "vision", providers, threads)
@@ -65,12 +74,12 @@ class Pipeline:
 
     @classmethod
     def load(cls, bundle_dir: str | os.PathLike | None = None, *, providers=None, threads: int | None = None,
-             verify: bool = True, llm_engine: str | None = None) -> "Pipeline":
+             verify: bool = True, llm_engine: str | None = None, device: str | None = None) -> "Pipeline":
         """Read the manifest, check every artifact's sha256, open the stages."""
         manifest = Manifest.load(bundle_dir if bundle_dir is not None else default_bundle_dir())
         if verify:
             manifest.verify()
-        return cls(manifest, providers, threads, llm_engine)
+        return cls(manifest, providers, threads, llm_engine, device)
 
     @property
     def llm(self):
