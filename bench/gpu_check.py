@@ -1,6 +1,7 @@
 """GPU check: what InstructBLIP's parts cost on this machine's NVIDIA GPU, at real shapes.
 
-    python bench/gpu_check.py --out DIR [--budget-s 420] [--quick]
+    python bench/gpu_check.py --out DIR [--budget-s 420] [--quick] [--proof-bundle DIR]
+    python bench/gpu_check.py --out DIR --cpu-rehearsal --proof-bundle DIR   # no GPU: the same LLM code, tiny
 
 Needs only torch (with CUDA), transformers and numpy; random weights, no network, none of the
 repo's trained models (ib_edge is used only for its version if it is importable). Runs, each
@@ -15,7 +16,15 @@ with warm-up and CUDA-event timing, p50/p90 over the runs:
      tokens/s, and % of the bandwidth bound (weight bytes per token / measured device-to-
      device copy bandwidth);
   4. ONNX Runtime CUDA / TensorRT EP on the vision encoder, only where onnxruntime-gpu has those
-     providers; TensorRT (python) only where it is installed: each skipped with its reason.
+     providers; TensorRT (python) only where it is installed: each skipped with its reason;
+  0. (first, it is what the budget is for) the project's cuda 4-bit LLM engine (bench/gpu_llm.py):
+     logits and greedy tokens against the CPU engine on the same int4 weights (the proof-llama
+     bundle given by --proof-bundle, a random 1.1 B shape), decode tokens/s at the 1.1 B and
+     Vicuna-7B shapes vs transformers fp16 generate, % of the copy-bandwidth bound, peak memory.
+     This one imports the project from this checkout (no install needed).
+
+--cpu-rehearsal runs section 0's code on the CPU at tiny shapes (the cuda engine on the CPU int4
+kernel, no graphs) and skips the rest: a dry run of the script before spending GPU minutes.
 
 Writes DIR/gpu_check.json and DIR/gpu_check.md. Finishes within --budget-s (default 420 s):
 every section checks the time left and is skipped with a reason when it would not fit.
@@ -133,6 +142,48 @@ def bandwidth() -> dict:
     del src, dst
     torch.cuda.empty_cache()
     return {"gb_per_s": round(gbs, 1), "method": "torch copy_ of 1 GiB fp16 on the GPU, fastest of 10, bytes read + written"}
+
+
+def cpu_bandwidth() -> dict:
+    """The rehearsal's stand-in for bandwidth(): a 256 MiB torch copy on the CPU, fastest of 5."""
+    import torch
+
+    src = torch.ones(2**26, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    best = math.inf
+    for _ in range(6):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return {"gb_per_s": round(2 * src.numel() * 4 / best / 1e9, 1), "method": "CPU rehearsal: torch copy_ of 256 MiB "
+            "fp32 on the CPU, fastest of 6, bytes read + written"}
+
+
+def import_project():
+    """ib_edge from this checkout when it is not installed (the GPU machine runs the bare tree):
+    the package's subpackages live at the repository root (pyproject's package-dir)."""
+    try:
+        import ib_edge.runtime  # noqa: F401
+    except ImportError:
+        root = Path(__file__).resolve().parents[1]
+        sys.path.insert(0, str(root))
+        import ib_edge
+
+        ib_edge.__path__.append(str(root))
+        import ib_edge.runtime  # noqa: F401
+
+
+def llm_int4(check: Check, bw: dict, device: str, proof_bundle: Path | None) -> dict:
+    import_project()
+    from ib_edge.bench import gpu_llm
+
+    opts = gpu_llm.LlmOptions(device=device)
+    if check.quick:
+        opts = dataclasses.replace(opts, proof_questions=2, agree_steps=8, new_tokens=32, hf_tokens=16, repeats=2)
+        if device == "cpu":   # the CI rehearsal: every code path once, seconds
+            opts = dataclasses.replace(opts, proof_questions=1, agree_steps=4, new_tokens=6, hf_tokens=3, repeats=1,
+                                       step_runs=3)
+    return gpu_llm.run(check, bw["gb_per_s"], opts, proof_bundle)
 
 
 def vision_qformer(check: Check) -> dict:
@@ -378,7 +429,10 @@ def render(result: dict) -> str:
     bw = result.get("bandwidth", {})
     L += [f"Device memory bandwidth: {bw.get('gb_per_s', '–')} GB/s ({bw.get('method', '')}).", ""]
     vq = result["sections"].get("vision_qformer", {})
-    L += ["## Vision encoder (ViT-g/14, 224 px) and Q-Former, PyTorch eager, random weights", "",
+    if "skipped" in vq:
+        L += ["## Vision encoder and Q-Former", "", f"skipped: {vq['skipped']}", ""]
+    else:
+        L += ["## Vision encoder (ViT-g/14, 224 px) and Q-Former, PyTorch eager, random weights", "",
           "| precision | vision b1 ms p50 | vision b8 ms p50 | images/s b8 | Q-Former+proj b1 ms p50 | peak MB | finite |",
           "|---|---|---|---|---|---|---|"]
     for prec, r in vq.get("results", {}).items():
@@ -404,10 +458,21 @@ def render(result: dict) -> str:
               "", "bound = bandwidth / fp16 weight bytes read per token (all but the input embedding). " + llm["note"], ""]
     else:
         L += [f"{llm.get('error') or llm.get('skipped')}", ""]
+    if "llm_int4" in result["sections"]:
+        import_project()
+        from ib_edge.bench import gpu_llm
+
+        L += gpu_llm.render(result["sections"]["llm_int4"])
     L += ["## ONNX Runtime GPU / TensorRT", ""]
     for k, v in result["sections"].get("onnx_backends", {}).items():
         L.append(f"- {k}: {json.dumps(v)}")
     return "\n".join(L + [""])
+
+
+def _errors(section: dict) -> list[str]:
+    """The parts of the llm_int4 section that raised."""
+    return [f"{part}/{name}" for part in ("agreement", "decode") for name, r in section.get(part, {}).items()
+            if "error" in r] + (["llm_int4"] if "error" in section else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,6 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting sections after this (default 420)")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="smaller LLM/ONNX depth and batch 1 only (a few seconds)")
+    ap.add_argument("--proof-bundle", type=Path, default=None,
+                    help="a proof-llama int4 bundle (ib-export proof-llama --llm-quant rtn --group-size 64 --out "
+                         "bundles/proof-llama-rtn) for the cuda engine's agreement check")
+    ap.add_argument("--cpu-rehearsal", action="store_true",
+                    help="no GPU needed: run the 4-bit LLM section's code on the CPU at tiny shapes, skip the rest")
     args = ap.parse_args(argv)
     start = time.monotonic()
     check = Check(deadline=start + args.budget_s, quick=args.quick, runs=args.runs)
@@ -425,14 +495,25 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     code = 0
-    if not torch.cuda.is_available():
+    if args.cpu_rehearsal:
+        result["rehearsal"] = True
+        result["bandwidth"] = cpu_bandwidth()
+        t0 = time.monotonic()
+        check.sections["llm_int4"] = llm_int4(check, result["bandwidth"], "cpu", args.proof_bundle)
+        check.sections["llm_int4"]["section_s"] = round(time.monotonic() - t0, 1)
+        for name in ("vision_qformer", "llm_decode", "onnx_backends"):
+            check.sections[name] = {"skipped": "--cpu-rehearsal"}
+        if _errors(check.sections["llm_int4"]):
+            code = 1
+    elif not torch.cuda.is_available():
         result["error"] = "no CUDA GPU: torch.cuda.is_available() is False (this check needs an NVIDIA GPU)"
         code = 2
     else:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here
         torch.backends.cudnn.allow_tf32 = False
         result["bandwidth"] = bandwidth()
-        for name, fn in (("vision_qformer", lambda: vision_qformer(check)),
+        for name, fn in (("llm_int4", lambda: llm_int4(check, result["bandwidth"], "cuda", args.proof_bundle)),
+                         ("vision_qformer", lambda: vision_qformer(check)),
                          ("llm_decode", lambda: llm_decode(check, result["bandwidth"])),
                          ("onnx_backends", lambda: onnx_backends(check))):
             if check.left() < 20:
@@ -446,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
                 check.sections[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=5)}
                 code = 1
             check.sections[name]["section_s"] = round(time.monotonic() - t0, 1)
+            if name == "llm_int4" and _errors(check.sections[name]):
+                code = 1
             torch.cuda.reset_peak_memory_stats()
     result["elapsed_s"] = round(time.monotonic() - start, 1)
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
@@ -455,4 +538,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # run as a script, bench/ heads sys.path, and its kernels.py then shadows the `kernels` package
+    # transformers probes for (ImportError on `from transformers import LlamaForCausalLM`)
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     raise SystemExit(main())

@@ -118,9 +118,9 @@ def tinygemm_inputs(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.T
     z = (8.0 - qzeros.float()) * s          # (q - zp) * s == (q - 8) * s + (8 - zp) * s
     pad = -n % n_align
     if pad:
-        swapped = torch.cat([swapped, torch.full((pad, k // 2), 0x88, dtype=torch.uint8)])
-        s = torch.cat([s, torch.zeros(pad, s.shape[1])])
-        z = torch.cat([z, torch.zeros(pad, z.shape[1])])
+        swapped = torch.cat([swapped, torch.full((pad, k // 2), 0x88, dtype=torch.uint8, device=qw.device)])
+        s = torch.cat([s, s.new_zeros(pad, s.shape[1])])
+        z = torch.cat([z, z.new_zeros(pad, z.shape[1])])
     sz = torch.stack([s.t(), z.t()], dim=-1).contiguous().to(torch.bfloat16)
     return swapped.contiguous(), sz
 
@@ -151,16 +151,18 @@ class TinygemmLinear(nn.Module):
         super().__init__()
         n, k = spec.qweight.shape[0], spec.qweight.shape[1] * 2
         self.in_features, self.out_features, self.group_size = k, n, spec.group_size
-        u8, sz = tinygemm_inputs(spec.qweight, spec.scales, spec.qzeros, spec.group_size, N_ALIGN[device.type])
+        # the transform runs where the weights will live (a GPU does a 7B model's in a blink)
+        u8, sz = tinygemm_inputs(spec.qweight.to(device), spec.scales.to(device), spec.qzeros.to(device),
+                                 spec.group_size, N_ALIGN[device.type])
         if device.type == "cuda":
-            packed = torch.ops.aten._convert_weight_to_int4pack(u8.to(device), inner_k_tiles(k))
+            packed = torch.ops.aten._convert_weight_to_int4pack(u8, inner_k_tiles(k))
             self._mm = torch.ops.aten._weight_int4pack_mm
         else:
             q = torch.stack([u8 >> 4, u8 & 0x0F], dim=-1).reshape(u8.shape[0], -1).to(torch.int32)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
             self._mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         self.register_buffer("packed", packed)
-        self.register_buffer("scales_and_zeros", sz.to(device))
+        self.register_buffer("scales_and_zeros", sz)
         self.register_buffer("bias", None if spec.bias is None else spec.bias.to(device, torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
