@@ -44,6 +44,7 @@ MIN_CAPABILITY = (8, 0)       # int4mm.cu: __CUDA_ARCH__ >= 800
 INNER_K_TILES = (8, 4, 2)     # 16/8/4-byte loads per lane: the widest that divides K wins
 N_ALIGN = {"cuda": 8, "cpu": 16}  # kernel N tiles: CUDA kNTileSize 8; the CPU kernel wants 16
 DEVICES = ("cuda", "cpu")
+CACHE_QUANTUM = 128           # KV cache lengths are rounded up to this (masked slots cost little)
 
 
 # --- device and engine choice ----------------------------------------------------------------
@@ -166,7 +167,7 @@ class TinygemmLinear(nn.Module):
         self.register_buffer("bias", None if spec.bias is None else spec.bias.to(device, torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._mm(x, self.packed, self.group_size, self.scales_and_zeros)
+        y = self._mm(x.contiguous(), self.packed, self.group_size, self.scales_and_zeros)
         if y.shape[-1] != self.out_features:
             y = y[:, :self.out_features]
         return y if self.bias is None else y + self.bias
@@ -256,7 +257,8 @@ class CudaLlama(nn.Module, StaticKVCache):
     the cache is reallocated); prefills run eagerly."""
     engine = "cuda"
 
-    def __init__(self, a: LlamaArgs, spec: ModelSpec, device: str = "cuda", graphs: bool | None = None):
+    def __init__(self, a: LlamaArgs, spec: ModelSpec, device: str = "cuda", graphs: bool | None = None,
+                 compile: bool = False):
         super().__init__()
         if device not in DEVICES:
             raise InputError(f"device must be cuda or cpu, not {device!r}")
@@ -268,6 +270,10 @@ class CudaLlama(nn.Module, StaticKVCache):
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise InputError("CUDA graphs need device cuda")
+        # compile: the decode step through torch.compile (inductor fuses the ~40 small elementwise
+        # kernels per layer that eager launches; the graph then replays the fused ones). Costs a
+        # compile per cache shape at first use; whether it pays is measured by bench/gpu_check.py.
+        self.set_compile(compile)
         dev = self.device
         self.embed = DeviceEmbedding(spec.embed, dev)
         self.layers = nn.ModuleList(CudaBlock(a, l, dev) for l in spec.layers)
@@ -281,6 +287,12 @@ class CudaLlama(nn.Module, StaticKVCache):
         self._drop_graph()
         self.eval()
 
+    def set_compile(self, on: bool) -> None:
+        """Decode steps through torch.compile (on) or eager ops (off); drops a captured graph."""
+        self.compiled = on
+        self._decode_step = torch.compile(self._step, dynamic=False, fullgraph=True) if on else self._step
+        self._drop_graph()
+
     # --- the static KV cache, in device memory ---------------------------------------------
     def setup_cache(self, max_len: int, batch: int = 1) -> None:
         a = self.a
@@ -289,6 +301,8 @@ class CudaLlama(nn.Module, StaticKVCache):
         if self.k_cache and self.max_len >= max_len and self.k_cache[0].shape[0] == batch:
             return
         self._drop_graph()
+        # lengths rounded up to CACHE_QUANTUM: one captured graph (and compile) serves many prompts
+        max_len = min(a.max_positions, -(-max_len // CACHE_QUANTUM) * CACHE_QUANTUM)
         shape = (batch, a.n_kv_heads, max_len, a.hd)
         self.k_cache = [torch.zeros(shape, dtype=torch.bfloat16, device=self.device) for _ in range(a.n_layers)]
         self.v_cache = [torch.zeros(shape, dtype=torch.bfloat16, device=self.device) for _ in range(a.n_layers)]
@@ -330,7 +344,8 @@ class CudaLlama(nn.Module, StaticKVCache):
         if t == 1 and self.graphs:
             return self._replay(x, start)
         pos = torch.arange(start, start + t, device=self.device)
-        return self._step(x.to(self.device, torch.float32), pos)
+        step = self._decode_step if t == 1 else self._step
+        return step(x.to(self.device, torch.float32), pos)
 
     def _drop_graph(self) -> None:
         self._graph = self._g_x = self._g_pos = self._g_out = None
@@ -352,12 +367,12 @@ class CudaLlama(nn.Module, StaticKVCache):
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(2):   # kernel selection, allocator warm-up outside the graph
-                self._step(self._g_x, self._g_pos)
+            for _ in range(2):   # compilation, kernel selection, allocator warm-up outside the graph
+                self._decode_step(self._g_x, self._g_pos)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._g_out = self._step(self._g_x, self._g_pos)
+            self._g_out = self._decode_step(self._g_x, self._g_pos)
         self._graph = graph
         self.captures += 1
 

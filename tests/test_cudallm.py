@@ -146,10 +146,12 @@ def test_ib_run_device_refusals(rtn_bundle, bundle_dir, tmp_path, capsys):
     img = tmp_path / "x.png"
     Image.new("RGB", (40, 40), (200, 10, 10)).save(img)
     base = [str(img), "hi", "--max-new-tokens", "2"]
+    fp32 = bundle_dir("llama")
+    capsys.readouterr()   # the fixtures' export chatter
     for bundle, extra, says in [(rtn_bundle, ["--device", "cuda"], "--device cuda: no CUDA GPU"),
                                 (rtn_bundle, ["--llm-engine", "cuda"], "--llm-engine cuda: no CUDA GPU"),
                                 (rtn_bundle, ["--device", "gpu"], "--device must be cuda or cpu"),
-                                (bundle_dir("llama"), ["--device", "cuda"], "fast-path")]:
+                                (fp32, ["--device", "cuda"], "fast-path")]:
         assert cli.main(["--bundle", str(bundle)] + base + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0], err
