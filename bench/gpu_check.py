@@ -26,6 +26,11 @@ with warm-up and CUDA-event timing, p50/p90 over the runs:
 --cpu-rehearsal runs section 0's code on the CPU at tiny shapes (the cuda engine on the CPU int4
 kernel, no graphs) and skips the rest: a dry run of the script before spending GPU minutes.
 
+On a lent GPU machine (the bare tree under its own python3): export the proof bundle here first,
+`ib-export proof-llama --llm-quant rtn --group-size 64 --out bundles/proof-llama-rtn` (bundles/ is
+git-ignored, so name it in the run's carry), then run
+`python3 bench/gpu_check.py --out $OUT --proof-bundle bundles/proof-llama-rtn`.
+
 Writes DIR/gpu_check.json and DIR/gpu_check.md. Finishes within --budget-s (default 420 s):
 every section checks the time left and is skipped with a reason when it would not fit.
 Without a CUDA GPU it still writes both files, saying so, and exits 2.
@@ -181,7 +186,7 @@ def llm_int4(check: Check, bw: dict, device: str, proof_bundle: Path | None) -> 
     if check.quick:
         opts = dataclasses.replace(opts, proof_questions=2, agree_steps=8, new_tokens=32, hf_tokens=16, repeats=2)
         if device == "cpu":   # the CI rehearsal: every code path once, seconds
-            opts = dataclasses.replace(opts, proof_questions=1, agree_steps=4, new_tokens=6, hf_tokens=3, repeats=1,
+            opts = dataclasses.replace(opts, proof_questions=1, agree_steps=4, new_tokens=6, hf_tokens=8, repeats=2,
                                        step_runs=3)
     return gpu_llm.run(check, bw["gb_per_s"], opts, proof_bundle)
 
