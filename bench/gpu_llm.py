@@ -204,6 +204,22 @@ def _step_time(model, device: str, pos: int, runs: int) -> float:
     return times[len(times) // 2]
 
 
+def _step_syncs(model, device: str, pos: int) -> str:
+    """Whether one decode step (input copy, position fill, graph replay, logits clone) makes a
+    synchronizing CUDA call: torch's sync debug mode set to raise on one."""
+    if device != "cuda":
+        return "not checked (CPU rehearsal)"
+    x = model.embed.weight[1].view(1, 1, -1)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(x, pos)
+        return "none"
+    except RuntimeError as e:
+        return f"yes: {str(e).splitlines()[0]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def _hf_rate(a: LlamaArgs, emb: torch.Tensor, n: int, repeats: int, device: str) -> dict:
     """transformers LlamaForCausalLM ``generate`` (greedy, eager, fp16 on a GPU / fp32 on the CPU),
     random weights: tokens/s after the prefill = (n - 1) / (t(n) - t(1)), fastest of ``repeats``."""
@@ -284,6 +300,7 @@ def decode_speed(name: str, opts: LlmOptions, bw_gb_s: float, check) -> dict:
            **_generate_rate(model, emb, opts.new_tokens, opts.repeats)}
     rec["graph_step_ms"] = round(_step_time(model, opts.device, opts.prompt_tokens + 2, opts.step_runs), 4)
     rec["graph_captures"] = model.captures
+    rec["host_sync_in_step"] = _step_syncs(model, opts.device, opts.prompt_tokens + 2)
     wb = model.weight_bytes_per_token()
     tps = rec["decode_tokens_per_s"]
     rec.update({"weight_MB_per_token": round(wb / 1e6, 1), "achieved_GB_s": round(wb * tps / 1e9, 1),
@@ -386,6 +403,9 @@ def render(sec: dict) -> list[str]:
                      f"{c['decode_tokens_per_s']} | {c['graph_step_ms']} | | {c['pct_of_bound']}% | | | | |")
         elif c:
             L.append(f"| {name} + torch.compile | {c.get('skipped') or c.get('error')} | | | | | | | | |")
+    syncs = {n: r["host_sync_in_step"] for n, r in sec["decode"].items() if "host_sync_in_step" in r}
+    L += ["", f"Synchronizing CUDA calls in one decode step (torch sync debug mode): {syncs}; graph captures per "
+          f"timed model: { {n: r['graph_captures'] for n, r in sec['decode'].items() if 'graph_captures' in r} }."]
     L += ["", "bound = measured copy bandwidth / weight bytes per token (packed int4 + bf16 scales/zeros, norms, one "
           "embedding row); tokens/s from the host times of each sampled id in fastllm.generate (fastest of the "
           "repeats); graph step = one replay, device-timed, median.", "", f"Goals: {json.dumps(sec.get('goals'))}", ""]

@@ -192,6 +192,11 @@ def test_cuda_engine_on_the_gpu_with_graphs():
             ref(ref.embed.weight[tok].view(1, 1, -1), 16 + i)[0], m(m.embed.weight[tok].view(1, 1, -1), 16 + i)[0].cpu(),
             dim=0)))
     assert min(cos) >= 0.999, cos
+    torch.cuda.set_sync_debug_mode("error")   # a decode step never waits on the GPU
+    try:
+        m(m.embed.weight[1].view(1, 1, -1), 30)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert fastllm.beam_search(m, emb, num_beams=3, max_new_tokens=6) == \
         fastllm.beam_search(ref, emb, num_beams=3, max_new_tokens=6)
 
