@@ -59,27 +59,28 @@ class BenchConfig:
 
 
 # --- eval set --------------------------------------------------------------------------------
+def read_eval_file(path: Path) -> list[dict]:
+    """The eval file's rows, validated (ib-bench checks it before measuring anything)."""
+    if not path.is_file():
+        raise BenchError(f"eval file not found: {path}")
+    try:
+        return proof_task.read_eval_set(path)
+    except (ValueError, OSError) as e:
+        raise BenchError(f"cannot read eval file {path}: {e}",
+                         hint='one JSON object per line: {"image", "question", "answer"} (+ "type")') from None
+
+
 def load_examples(cfg: BenchConfig) -> tuple[list[dict], dict]:
     """-> (examples with PIL images decoded up front, record for the report)."""
     from ib_edge.runtime.preprocess import load_image
 
     if cfg.eval_file:
         path = Path(cfg.eval_file)
-        if not path.is_file():
-            raise BenchError(f"eval file not found: {path}")
-        try:
-            rows = proof_task.read_eval_set(path)
-        except (ValueError, KeyError) as e:
-            raise BenchError(f"cannot read eval file {path}: {e}",
-                             hint='one JSON object per line: {"image", "question", "answer"} (+ "type")') from None
-        for i, r in enumerate(rows):
-            missing = [k for k in ("image", "question", "answer") if k not in r]
-            if missing:
-                raise BenchError(f"{path} line {i + 1} lacks {', '.join(missing)}")
+        rows = read_eval_file(path)
         if cfg.n_eval is not None:
             rows = rows[:cfg.n_eval]
         examples = [{"image": load_image(r["image"]), "image_ref": r["image"], "question": r["question"],
-                     "answer": r["answer"], "type": r.get("type", "untyped")} for r in rows]
+                     "answer": r["answer"], "type": r["type"]} for r in rows]
         record = {"source": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                   "seed": None}
     else:

@@ -65,6 +65,36 @@ def _config(args, **over):
         bandwidth_mb=args.bandwidth_mb, progress=False if args.no_progress else None, **over)
 
 
+def check_outputs(args) -> None:
+    """--report and --json are checked before anything is measured (a run can take an hour;
+    an unwritable path found at its end would lose it), and so is the eval file."""
+    from .bench import BenchError, read_eval_file
+
+    def writable_dir(d: Path, flag: str) -> None:
+        probe = d
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir():
+            raise BenchError(f"{flag} {d}: {probe} is a file, not a directory")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise BenchError(f"{flag} {d}: {probe} is not writable")
+
+    if args.report:
+        rep = Path(args.report)
+        if rep.exists() and not rep.is_dir():
+            raise BenchError(f"--report {rep} is an existing file; --report takes a directory")
+        writable_dir(rep, "--report")
+    if args.json:
+        js = Path(args.json)
+        if js.is_dir():
+            raise BenchError(f"--json {js} is a directory; --json takes a file path")
+        if js.exists() and not os.access(js, os.W_OK):
+            raise BenchError(f"--json {js} is not writable")
+        writable_dir(js.parent, "--json")
+    if args.eval_file:
+        read_eval_file(Path(args.eval_file))
+
+
 def run(args, log) -> dict:
     from .bench import BenchError, run_bench
 
@@ -103,19 +133,30 @@ def main(argv: list[str] | None = None) -> int:
     from ib_edge.runtime.errors import IbEdgeError
 
     from . import report
+    from .bench import BenchError
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     try:
+        check_outputs(args)
         result = run(args, log)
         result["command"] = "ib-bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-        if args.json:
-            report.write_json(result, Path(args.json))
-        if args.report:
-            paths = report.write_report(result, args.report)
-            log(f"ib-bench: wrote {paths['md']}, {paths['json']} and {len(paths['plots'])} plots")
-        print(report.render_markdown(result))
+        # the JSON first: a failing plot or markdown render must not lose the run
+        temp = not args.json and not args.report
+        saved = (Path(args.json) if args.json else Path(args.report) / "report.json" if args.report
+                 else Path(tempfile.gettempdir()) / f"ib-bench-{os.getpid()}.json")
+        report.write_json(result, saved)
+        try:
+            if args.report:
+                paths = report.write_report(result, args.report)
+                log(f"ib-bench: wrote {paths['md']}, {paths['json']} and {len(paths['plots'])} plots")
+            print(report.render_markdown(result))
+        except Exception as e:
+            raise BenchError(f"rendering the report failed ({type(e).__name__}: {e}); the results are saved in "
+                             f"{saved}") from None
+        if temp:
+            saved.unlink(missing_ok=True)
         return 0
     except IbEdgeError as e:
         print(f"ib-bench: error: {e.line()}", file=sys.stderr)

@@ -159,8 +159,9 @@ class TransformersSystem:
             kwargs["dtype"] = torch.float32
         else:
             raise ValueError(f"quantization {quantization!r}: None or 'nf4'")
-        self.model = InstructBlipForConditionalGeneration.from_pretrained(checkpoint, **kwargs).eval()
-        self.processor = InstructBlipProcessor.from_pretrained(checkpoint)
+        self.model = InstructBlipForConditionalGeneration.from_pretrained(checkpoint, trust_remote_code=False,
+                                                                          **kwargs).eval()
+        self.processor = InstructBlipProcessor.from_pretrained(checkpoint, trust_remote_code=False)
         self.device = next(self.model.parameters()).device
         self.float_dtype = kwargs["dtype"]
         self.nf4_generic_layers = _nf4_cpu_fallbacks(self.model) if quantization == "nf4" else 0

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import datetime
 import gc
+import glob
 import json
 import os
 import platform
@@ -148,9 +149,8 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
     log = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     out = Path(out).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not (out / MANIFEST).is_file():
-        raise ExportError(f"{out} exists and is not a bundle; refusing to replace it",
-                          hint="choose another --out or remove it")
+    check_replaceable(out)
+    remove_stale_temp(out, log)
     if int8_stages != "all" and (precision != "int8" or backend != "onnxruntime"):
         raise ExportError("--int8-stages faster times stages on ONNX Runtime CPU; use it with --precision int8 "
                           "and --backend onnxruntime")
@@ -190,7 +190,7 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
                 raise ExportError(f"recipe files missing: {', '.join(missing)}")
             recipes = {st: Int8Recipe.load(f) for st, f in files.items()}
     n_steps = 5 + (precision != "fp32") + bool(llm_quant)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = _temp_path(out, "tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     t_start = time.perf_counter()
@@ -294,6 +294,7 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
                                                                calib_source=llm_calib,
                                                                enforce_validation=llm_validation == "enforce")
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _normalize_modes(tmp)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -459,11 +460,79 @@ def build_engines(artifacts: dict, root: Path, precision: str, source: dict, opt
         art["files"][engine.name] = sha256_file(engine)
 
 
+def check_replaceable(out: Path) -> None:
+    """``out`` may be replaced only when absent or an ib-edge bundle holding nothing its manifest
+    does not list (a directory with a stray ``manifest.json`` and the user's files is not one)."""
+    from ib_edge.runtime.errors import BundleError
+    from ib_edge.runtime.manifest import Manifest
+
+    if not out.exists() and not out.is_symlink():
+        return
+    hint = "choose another --out or remove it"
+    if out.is_symlink() or not out.is_dir():
+        raise ExportError(f"{out} exists and is not a bundle directory; refusing to replace it", hint=hint)
+    try:
+        manifest = Manifest.load(out)
+    except BundleError as e:
+        raise ExportError(f"{out} exists and is not a valid ib-edge bundle ({e}); refusing to replace it",
+                          hint=hint) from None
+    listed = manifest.listed()
+    for p in sorted(out.rglob("*")):
+        if p.is_dir() and not p.is_symlink():
+            continue
+        rel = p.relative_to(out).as_posix()
+        if rel not in listed:
+            raise ExportError(f"{out} holds {rel}, which its manifest does not list; refusing to replace it",
+                              hint=hint)
+
+
+def _temp_path(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_temp(out: Path, log=lambda m: None) -> list[Path]:
+    """Remove ``.NAME.tmp-PID`` / ``.NAME.old-PID`` beside ``out`` left by exports that were
+    killed (SIGKILL, power loss: no handler ran), when process PID is gone."""
+    removed = []
+    for kind in ("tmp", "old"):
+        prefix = f".{out.name}.{kind}-"
+        for p in out.parent.glob(f"{glob.escape(prefix)}*"):
+            pid = p.name[len(prefix):]
+            if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            if not p.exists():
+                removed.append(p)
+                log(f"removed {p.name}, left by an export (pid {pid}) that was killed")
+    return removed
+
+
+def _normalize_modes(root: Path) -> None:
+    """Files as the process umask makes them (some writers create 0600 temp files and rename
+    them: a copied bundle must be readable by a service user like any other file)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def _replace(tmp: Path, out: Path) -> None:
     """Swap ``tmp`` into ``out``; an existing bundle is moved aside first and removed after."""
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = _temp_path(out, "old")
         os.replace(out, old)
     try:
         os.replace(tmp, out)

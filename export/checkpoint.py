@@ -51,8 +51,8 @@ def load_checkpoint(ref: str | None, revision: str | None = None):
     src, kind = resolve(ref)
     try:
         model = InstructBlipForConditionalGeneration.from_pretrained(
-            src, revision=revision, use_safetensors=True, dtype="auto")
-        processor = InstructBlipProcessor.from_pretrained(src, revision=revision)
+            src, revision=revision, use_safetensors=True, dtype="auto", trust_remote_code=False)
+        processor = InstructBlipProcessor.from_pretrained(src, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ("no network to the hub here? download the checkpoint elsewhere and pass its directory"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 
@@ -85,9 +86,19 @@ def _triple(text: str, flag: str) -> tuple[int, int, int]:
     return vals
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM/SIGHUP, handled like Ctrl-C: the export's temp directory is removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _silence_libraries()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
     from ib_edge.runtime.errors import IbEdgeError
     from ib_edge.runtime.pipeline import default_bundle_dir
 
@@ -119,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     except IbEdgeError as e:
         print(f"ib-export: error: {e.line()}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ib-export: interrupted; no bundle was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = f"terminated ({e})" if isinstance(e, Terminated) else "interrupted"
+        print(f"ib-export: {what}; no bundle was written", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except Exception as e:
         if os.environ.get("IB_EDGE_DEBUG"):
             raise

@@ -156,7 +156,7 @@ def quantize_llm(llm_dir, out_dir, examples, *, method: str = "gptq", bits: int 
                         (Path(work) / f.name).unlink(missing_ok=True)
                         (Path(work) / f.name).symlink_to(f.resolve())
             src = Path(work)
-        gm = GPTQModel.load(str(src), qcfg, device="cpu")
+        gm = GPTQModel.load(str(src), qcfg, device="cpu", trust_remote_code=False)
         seen = _install_embeds_hook(gm, examples, image_token_id)
         # gptqmodel 7.6's quantize() takes calibration_data_min_length but never passes it on:
         # prepare_dataset keeps its default and drops every example of <= 10 tokens (measured: 6

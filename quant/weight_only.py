@@ -417,9 +417,10 @@ def load_fp32(src_dir: str | Path) -> nn.Module:
     """The fp32 transformers LLM saved in ``src_dir`` (seq2seq or causal, from its config)."""
     import transformers
 
-    cfg = transformers.AutoConfig.from_pretrained(str(src_dir))
+    cfg = transformers.AutoConfig.from_pretrained(str(src_dir), trust_remote_code=False)
     auto = transformers.AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else transformers.AutoModelForCausalLM
-    return auto.from_pretrained(str(src_dir), dtype=torch.float32, use_safetensors=True).eval()
+    return auto.from_pretrained(str(src_dir), dtype=torch.float32, use_safetensors=True,
+                              trust_remote_code=False).eval()
 
 
 def save_weight_only(model: nn.Module, src_dir: str | Path, out_dir: str | Path, plan: dict) -> dict:

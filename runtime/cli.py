@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -54,22 +55,50 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 
+def check_args(args) -> None:
+    """What argparse's types let through: text that is not UTF-8 (argv is decoded with
+    surrogate escapes), out-of-range threads and seeds."""
+    from .errors import InputError
+
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("the prompt is not valid UTF-8 text") from None
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        raise InputError(f"--threads must be between 1 and 1024, not {args.threads}")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 63:
+        raise InputError(f"--seed must be between 0 and 2**63 - 1, not {args.seed}")
+
+
+def _stdout_closed() -> None:
+    """Later writes (and the interpreter's final flush) go nowhere instead of raising again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if sys.stdout is None:  # started with stdout closed (>&-): nowhere to answer
+        print("ib-run: error: standard output is closed; nowhere to write the answer", file=sys.stderr)
+        return EXIT_INPUT
     _quiet_libraries()
     from .errors import BundleError, IbEdgeError, InputError
 
     try:
         from .pipeline import Pipeline
 
+        check_args(args)
         if args.max_new_tokens < 1 or args.max_new_tokens > 4096:
             raise InputError("--max-new-tokens must be between 1 and 4096")
         if not 1 <= args.num_beams <= 16:
             raise InputError("--num-beams must be between 1 and 16")
         if not 0.0 < args.top_p <= 1.0:
             raise InputError("--top-p must be in (0, 1]")
-        if args.temperature < 0:
-            raise InputError("--temperature must be >= 0")
+        if not math.isfinite(args.temperature) or args.temperature < 0:
+            raise InputError("--temperature must be a finite number >= 0")
         if args.llm_engine is not None and args.llm_engine not in ("ort", "torch"):
             raise InputError(f"--llm-engine must be ort or torch, not {args.llm_engine!r}")
         providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
@@ -102,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BUNDLE
     except IbEdgeError as e:
         print(f"ib-run: error: {e.line()}", file=sys.stderr)
+        return EXIT_INPUT
+    except BrokenPipeError:
+        _stdout_closed()
+        print("ib-run: error: standard output was closed before the answer was written", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
         print("ib-run: interrupted", file=sys.stderr)

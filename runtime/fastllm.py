@@ -138,20 +138,33 @@ class LlamaArgs:
             raise BundleError(f"the fast LLM runtime supports llama, not {cfg.get('model_type')!r}",
                               hint="export with the transformers LLM backend")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise BundleError("the LLM's config.json: rope parameters are not an object", hint="re-export the bundle")
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise BundleError(f"rope type {rope.get('rope_type')!r} is not supported by the fast LLM runtime",
                               hint="export with the transformers LLM backend")
         if cfg.get("hidden_act", "silu") != "silu":
             raise BundleError(f"activation {cfg['hidden_act']!r} is not supported by the fast LLM runtime")
-        return cls(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-                   n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-                   n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-                   intermediate_size=cfg["intermediate_size"], head_dim=cfg.get("head_dim") or 0,
-                   rms_eps=cfg.get("rms_norm_eps", 1e-6),
-                   rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-                   max_positions=cfg.get("max_position_embeddings", 2048),
-                   tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                   attention_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)))
+        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        for key in sizes + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = cfg.get(key)
+            if (key in sizes or v is not None) and (isinstance(v, bool) or not isinstance(v, int) or not
+                                                     0 <= v <= 1 << 24 or (key in sizes and v == 0)):
+                raise BundleError(f"the LLM's config.json: {key} = {json.dumps(v)[:40]} is not a valid size",
+                                  hint="re-export the bundle")
+        a = cls(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+                n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                intermediate_size=cfg["intermediate_size"], head_dim=cfg.get("head_dim") or 0,
+                rms_eps=cfg.get("rms_norm_eps", 1e-6),
+                rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+                max_positions=cfg.get("max_position_embeddings", 2048),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                attention_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)))
+        if a.n_kv_heads == 0 or a.n_heads % a.n_kv_heads or a.hd % 2 or a.hd == 0:
+            raise BundleError(f"the LLM's config.json: {a.n_heads} heads, {a.n_kv_heads} key/value heads and head "
+                              f"dim {a.hd} do not describe a Llama attention", hint="re-export the bundle")
+        return a
 
 
 PRESETS = {"tinyllama-1.1b": LlamaArgs(vocab_size=32000, hidden_size=2048, n_layers=22, n_heads=32, n_kv_heads=4,
@@ -537,32 +550,72 @@ def assemble(a: LlamaArgs, tensors: dict[str, torch.Tensor], group_size: int | N
     return build_torch(a, spec)
 
 
-def load(model_dir: str | Path, engine: str | None = None, threads: int | None = None):
-    """The LLM from ``config.json`` + ``*.safetensors`` (float weights or ib-edge int4) on
-    ``engine`` (None: ``pick_engine``'s choice)."""
-    from safetensors import safe_open
+def load(model_dir: str | Path, engine: str | None = None, threads: int | None = None,
+         files: list[Path] | None = None):
+    """The LLM from ``config.json`` + safetensors (float weights or ib-edge int4) on ``engine``
+    (None: ``pick_engine``'s choice). ``files``: the safetensors to read (a bundle passes what
+    its manifest lists); None reads every ``*.safetensors`` in the directory (export-time use on
+    a directory the exporter just wrote)."""
+    from safetensors import SafetensorError, safe_open
 
     d = Path(model_dir)
     try:
         cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise BundleError(f"cannot read the LLM's config.json: {e}") from None
+    if not isinstance(cfg, dict):
+        raise BundleError("the LLM's config.json is not a JSON object", hint="re-export the bundle")
     a = LlamaArgs.from_config(cfg)
-    files = sorted(d.glob("*.safetensors"))
+    files = sorted(d.glob("*.safetensors")) if files is None else list(files)
     if not files:
         raise BundleError(f"no safetensors in {d}")
     tensors, group_size = {}, None
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            meta = sf.metadata() or {}
-            if meta.get("format") == INT4_FORMAT:
-                if meta.get("format_version") != INT4_FORMAT_VERSION:
-                    raise BundleError(f"{f.name}: int4 format version {meta.get('format_version')!r}, this runtime "
-                                      f"reads {INT4_FORMAT_VERSION}", hint="re-export the bundle")
-                group_size = int(meta["group_size"])
-            for k in sf.keys():
-                tensors[k.removeprefix("language_model.")] = sf.get_tensor(k)
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                meta = sf.metadata() or {}
+                if meta.get("format") == INT4_FORMAT:
+                    if meta.get("format_version") != INT4_FORMAT_VERSION:
+                        raise BundleError(f"{f.name}: int4 format version {meta.get('format_version')!r}, this "
+                                          f"runtime reads {INT4_FORMAT_VERSION}", hint="re-export the bundle")
+                    try:
+                        group_size = int(meta["group_size"])
+                    except (KeyError, ValueError):
+                        raise BundleError(f"{f.name}: int4 metadata gives no valid group_size",
+                                          hint="re-export the bundle") from None
+                for k in sf.keys():
+                    tensors[k.removeprefix("language_model.")] = sf.get_tensor(k)
+        except (SafetensorError, OSError) as e:
+            raise BundleError(f"cannot read LLM weights {f.name}: {str(e).splitlines()[0] if str(e) else e}",
+                              hint="re-export the bundle") from None
+    check_shapes(a, tensors)
     return assemble(a, tensors, group_size, engine, threads)
+
+
+def check_shapes(a: LlamaArgs, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor the config implies has the shape the config implies (a config whose sizes
+    disagree with the weights is a corrupt bundle, refused here rather than deep in a kernel)."""
+    d, hd = a.hidden_size, a.hd
+    lin = {"self_attn.q_proj": (a.n_heads * hd, d), "self_attn.k_proj": (a.n_kv_heads * hd, d),
+           "self_attn.v_proj": (a.n_kv_heads * hd, d), "self_attn.o_proj": (d, a.n_heads * hd),
+           "mlp.gate_proj": (a.intermediate_size, d), "mlp.up_proj": (a.intermediate_size, d),
+           "mlp.down_proj": (d, a.intermediate_size)}
+    want = {"model.embed_tokens.weight": (a.vocab_size, d), "model.norm.weight": (d,)}
+    linears = {"lm_head": (a.vocab_size, d)}
+    for i in range(a.n_layers):
+        p = _LAYER.format(i)
+        want[p + "input_layernorm.weight"] = want[p + "post_attention_layernorm.weight"] = (d,)
+        linears.update({p + k: v for k, v in lin.items()})
+    for name, (n, k) in linears.items():
+        if name + ".qweight" in tensors:
+            want[name + ".qweight"] = (n, k // 2)
+        else:
+            want[name + ".weight"] = (n, k)
+    for name, shape in want.items():
+        t = tensors.get(name)
+        if t is not None and tuple(t.shape) != shape:
+            raise BundleError(f"LLM weight {name} is {list(t.shape)}, its config.json implies {list(shape)}",
+                              hint="re-export the bundle")
 
 
 # --- the runtime's LLM stage ------------------------------------------------------------------
@@ -575,7 +628,7 @@ class FastLLM:
             raise BundleError(f"LLM artifact {art.get('backend')}/{art.get('format')} is not for the fast runtime")
         if threads:
             torch.set_num_threads(threads)
-        self.model = load(manifest.path(art["dir"]), engine, threads)
+        self.model = load(manifest.path(art["dir"]), engine, threads, files=manifest.files("llm", ".safetensors"))
         self.engine = self.model.engine
         gen_path = manifest.path(art["dir"]) / "generation_config.json"
         try:
@@ -787,7 +840,7 @@ def _nf4_decode(hf, emb: torch.Tensor, n_tokens: int) -> dict:
         hf.save_pretrained(d)
         cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
         t0 = time.perf_counter()
-        q = LlamaForCausalLM.from_pretrained(d, quantization_config=cfg, device_map={"": "cpu"},
+        q = LlamaForCausalLM.from_pretrained(d, quantization_config=cfg, device_map={"": "cpu"}, trust_remote_code=False,
                                              dtype=torch.float32).eval()
         load_s = time.perf_counter() - t0
     prefill, tps = _hf_decode(q, emb, n_tokens)

@@ -67,16 +67,25 @@ class TransformersLLM:
         self.is_encoder_decoder = bool(manifest.model["is_encoder_decoder"])
         self.image_token_id = int(manifest.model["image_token_id"])
         auto = transformers.AutoModelForSeq2SeqLM if self.is_encoder_decoder else transformers.AutoModelForCausalLM
+        dtype = art.get("dtype", "float32")
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise BundleError(f"LLM dtype {dtype!r} is not float32, float16 or bfloat16", hint=REBUILD)
         try:
             if art.get("format") == WO_FORMAT:  # weight-only int4/int8/fp32 linears on low-bit kernels
                 from .lowbit import load_weight_only
 
-                self.model = load_weight_only(path, encoder_decoder=self.is_encoder_decoder)
+                self.model = load_weight_only(path, encoder_decoder=self.is_encoder_decoder,
+                                              files=manifest.files("llm", ".safetensors"))
             else:
-                self.model = auto.from_pretrained(str(path), dtype=getattr(torch, art.get("dtype", "float32")),
-                                                  use_safetensors=True)
-        except (OSError, ValueError) as e:
-            raise BundleError(f"cannot load the bundle's LLM: {str(e).splitlines()[0]}", hint=REBUILD) from None
+                # trust_remote_code=False: a bundle is data; transformers must never import code
+                # from it (nor prompt on a terminal for leave to), whatever its config.json says
+                self.model = auto.from_pretrained(str(path), dtype=getattr(torch, dtype), use_safetensors=True,
+                                                  trust_remote_code=False)
+        except BundleError:
+            raise
+        except Exception as e:  # transformers/safetensors raise many types for a bad checkpoint
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BundleError(f"cannot load the bundle's LLM: {msg[:300]}", hint=REBUILD) from None
         self.model.eval()
         self.timings: dict[str, float] = {}
 

@@ -118,44 +118,60 @@ def swap_linears(model: nn.Module, tensors: dict[str, torch.Tensor], group_size:
     return out
 
 
-def read_weight_only(model_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], int | None]:
-    """(config dict, tensors, group size) of an ib-edge-weight-only directory; refuses others."""
-    from safetensors import safe_open
+def read_weight_only(model_dir: str | Path, files: list[Path] | None = None
+                     ) -> tuple[dict, dict[str, torch.Tensor], int | None]:
+    """(config dict, tensors, group size) of an ib-edge-weight-only directory; refuses others.
+    ``files``: the safetensors to read (a bundle passes what its manifest lists); None reads
+    every ``*.safetensors`` in the directory (export-time use on what the exporter just wrote)."""
+    from safetensors import SafetensorError, safe_open
 
     d = Path(model_dir)
     try:
         cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise BundleError(f"cannot read the LLM's config.json: {e}") from None
-    files = sorted(d.glob("*.safetensors"))
+    files = sorted(d.glob("*.safetensors")) if files is None else list(files)
     if not files:
         raise BundleError(f"no safetensors in {d}")
     tensors: dict[str, torch.Tensor] = {}
     group_size = None
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            meta = sf.metadata() or {}
-            if meta.get("format") != WO_FORMAT:
-                raise BundleError(f"{f.name}: format {meta.get('format')!r}, expected {WO_FORMAT!r}",
-                                  hint="re-export the bundle")
-            if meta.get("format_version") != WO_FORMAT_VERSION:
-                raise BundleError(f"{f.name}: {WO_FORMAT} version {meta.get('format_version')!r}, this runtime "
-                                  f"reads {WO_FORMAT_VERSION}", hint="re-export the bundle")
-            if meta.get("group_size"):
-                group_size = int(meta["group_size"])
-            for k in sf.keys():
-                tensors[k] = sf.get_tensor(k)
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                group_size = _check_metadata(f, sf.metadata() or {}) or group_size
+                for k in sf.keys():
+                    tensors[k] = sf.get_tensor(k)
+        except (SafetensorError, OSError) as e:
+            raise BundleError(f"cannot read LLM weights {f.name}: {str(e).splitlines()[0] if str(e) else e}",
+                              hint="re-export the bundle") from None
     return cfg, tensors, group_size
 
 
-def load_weight_only(model_dir: str | Path, *, encoder_decoder: bool) -> nn.Module:
+def _check_metadata(f: Path, meta: dict) -> int | None:
+    """Refuse another format or version; -> the int4 group size the file states (or None)."""
+    if meta.get("format") != WO_FORMAT:
+        raise BundleError(f"{f.name}: format {meta.get('format')!r}, expected {WO_FORMAT!r}",
+                          hint="re-export the bundle")
+    if meta.get("format_version") != WO_FORMAT_VERSION:
+        raise BundleError(f"{f.name}: {WO_FORMAT} version {meta.get('format_version')!r}, this runtime "
+                          f"reads {WO_FORMAT_VERSION}", hint="re-export the bundle")
+    if not meta.get("group_size"):
+        return None
+    try:
+        return int(meta["group_size"])
+    except ValueError:
+        raise BundleError(f"{f.name}: group_size {meta['group_size']!r} is not an integer",
+                          hint="re-export the bundle") from None
+
+
+def load_weight_only(model_dir: str | Path, *, encoder_decoder: bool, files: list[Path] | None = None) -> nn.Module:
     """A transformers model (AutoModelForSeq2SeqLM / AutoModelForCausalLM from config.json) with
     its stored low-bit linears swapped in and every other weight loaded in fp32."""
     import transformers
     from transformers.initialization import no_init_weights
 
-    _, tensors, group_size = read_weight_only(model_dir)
-    config = transformers.AutoConfig.from_pretrained(str(model_dir))
+    _, tensors, group_size = read_weight_only(model_dir, files)
+    config = transformers.AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
     auto = transformers.AutoModelForSeq2SeqLM if encoder_decoder else transformers.AutoModelForCausalLM
     with no_init_weights():  # every weight is loaded below; skip random init
         model = auto.from_config(config, dtype=torch.float32)

@@ -53,9 +53,10 @@ class Result:
 
 class Pipeline:
     def __init__(self, manifest: Manifest, providers=None, threads: int | None = None,
-                 llm_engine: str | None = None):
+                 llm_engine: str | None = None, verify: bool = True):
         self.manifest = manifest
         self.llm_engine = llm_engine
+        self._verify = verify
         tok = manifest.data["tokenizers"]
         self.prompts = PromptEncoder(manifest.path(tok["llm"]), manifest.path(tok["qformer"]), manifest.model)
         self.vision = make_stage(manifest, "vision", providers, threads)
@@ -66,16 +67,26 @@ class Pipeline:
     @classmethod
     def load(cls, bundle_dir: str | os.PathLike | None = None, *, providers=None, threads: int | None = None,
              verify: bool = True, llm_engine: str | None = None) -> "Pipeline":
-        """Read the manifest, check every artifact's sha256, open the stages."""
+        """Read and validate the manifest, check every artifact's sha256 (``verify``), refuse
+        unlisted files in artifact directories and any bundle that names code, open the stages."""
         manifest = Manifest.load(bundle_dir if bundle_dir is not None else default_bundle_dir())
         if verify:
             manifest.verify()
-        return cls(manifest, providers, threads, llm_engine)
+        else:
+            manifest.check_listed()
+        manifest.refuse_code()
+        return cls(manifest, providers, threads, llm_engine, verify)
 
     @property
     def llm(self):
         if self._llm is None:  # torch/transformers load only when text is generated
-            if self.manifest.artifact("llm").get("backend") == "fastllm":
+            # the LLM is read now, maybe long after load(): check again what is about to be read
+            if self._verify:
+                self.manifest.reverify("llm")
+            else:
+                self.manifest.check_listed(["llm"])
+            self.manifest.refuse_code()
+            if self.manifest.record("llm").backend == "fastllm":
                 from .fastllm import FastLLM
 
                 self._llm = FastLLM(self.manifest, self._threads, self.llm_engine)

@@ -57,6 +57,34 @@ def session_providers(names, precision: str, cache_dir) -> list:
     return [ort_provider_options(n, precision, cache_dir) for n in names]
 
 
+# ONNX Runtime's tensor type strings for the manifest's dtypes
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
+             "int32": "tensor(int32)"}
+
+
+def check_signature(file: str, art: dict, inputs, outputs) -> None:
+    """The graph's inputs and outputs (ORT NodeArg-likes: name, type, shape) against the
+    manifest: names in order, dtypes, ranks, and every dim the graph fixes must be the dim the
+    manifest fixes (a graph that fixes a dynamic axis, or another size, is refused at load: a
+    rehashed graph with another input size or output width otherwise fails mid-answer)."""
+    for side, want, got in (("inputs", art["inputs"], inputs), ("outputs", art["outputs"], outputs)):
+        names = [g.name for g in got]
+        if names != [t["name"] for t in want]:
+            raise BundleError(f"{file} has {side} {names}, manifest says {[t['name'] for t in want]}", hint=REBUILD)
+        for t, g in zip(want, got):
+            if ORT_TYPES.get(t["dtype"]) != g.type:
+                raise BundleError(f"{file}: {side[:-1]} {t['name']} is {g.type}, manifest says {t['dtype']}",
+                                  hint=REBUILD)
+            shape = list(g.shape) if g.shape is not None else None
+            if shape is None or len(shape) != len(t["shape"]):
+                raise BundleError(f"{file}: {side[:-1]} {t['name']} has shape {shape}, manifest says "
+                                  f"{t['shape']}", hint=REBUILD)
+            for i, (m, d) in enumerate(zip(t["shape"], shape)):
+                if isinstance(d, int) and d > 0 and d != m:
+                    raise BundleError(f"{file}: {side[:-1]} {t['name']} dim {i} is {d}, manifest says {m} "
+                                      f"(shape {t['shape']})", hint=REBUILD)
+
+
 class OnnxStage:
     """One ONNX graph in ONNX Runtime. Inputs and outputs are named as in the manifest."""
 
@@ -87,9 +115,7 @@ class OnnxStage:
             raise BundleError(f"cannot load {art['file']}: {str(e).splitlines()[0]}", hint=REBUILD) from None
         self.input_names = [t["name"] for t in art["inputs"]]
         self.output_names = [t["name"] for t in art["outputs"]]
-        got = [i.name for i in self.session.get_inputs()]
-        if got != self.input_names:
-            raise BundleError(f"{art['file']} has inputs {got}, manifest says {self.input_names}", hint=REBUILD)
+        check_signature(art["file"], art, self.session.get_inputs(), self.session.get_outputs())
         self.providers = self.session.get_providers()
 
     def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:

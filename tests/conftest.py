@@ -43,6 +43,15 @@ def bundle_dir(tmp_path_factory, reference_dir):
 
 
 @pytest.fixture(scope="session")
+def rtn_bundle(reference_dir, tmp_path_factory):
+    """The reference Llama with its LLM in int4 (RTN, group 32): the fast-runtime bundle."""
+    from ib_edge.export.bundle import export_bundle
+
+    return export_bundle(str(reference_dir("llama")), tmp_path_factory.mktemp("rtn") / "b", llm_quant="rtn",
+                         group_size=32, quiet=True)
+
+
+@pytest.fixture(scope="session")
 def torch_model():
     cache = {}
 

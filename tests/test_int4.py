@@ -173,6 +173,13 @@ def test_sampling_seeded_and_nucleus(gqa_lm, engine, tmp_path):
         fastllm.generate(fast, emb, max_new_tokens=1000)
 
 
+def _listed(d):
+    """The manifest ``files`` record of an LLM directory (loaders read only listed files)."""
+    from ib_edge.runtime.manifest import sha256_file
+
+    return {f"llm/{p.name}": sha256_file(p) for p in sorted(d.iterdir()) if p.is_file()}
+
+
 @pytest.mark.parametrize("engine", fastllm.ENGINES)
 def test_fast_llm_stage_matches_transformers_stage(reference_lm, engine, tmp_path):
     """The runtime stage (query_embeds into the prompt's <image> slots) gives the same tokens
@@ -185,7 +192,7 @@ def test_fast_llm_stage_matches_transformers_stage(reference_lm, engine, tmp_pat
     gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "length_penalty": 2.0, "early_stopping": True}))
     image_id, nq = 5, 4
     model = {"image_token_id": image_id, "is_encoder_decoder": False, "eos_token_id": reference_lm.config.eos_token_id}
-    art = {"dir": "llm", "format": "safetensors", "dtype": "float32"}
+    art = {"dir": "llm", "format": "safetensors", "dtype": "float32", "files": _listed(tmp_path / "llm")}
     ours = fastllm.FastLLM(Manifest(tmp_path, {"model": model, "artifacts": {"llm": {**art, "backend": "fastllm"}}}),
                            engine=engine)
     assert ours.engine == engine
@@ -217,7 +224,8 @@ def test_fast_llm_beams_take_the_checkpoints_generation_config(reference_lm, tmp
     gen_file = tmp_path / "llm" / "generation_config.json"
     gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "length_penalty": 2.0, "early_stopping": True}))
     model = {"image_token_id": 5, "is_encoder_decoder": False, "eos_token_id": reference_lm.config.eos_token_id}
-    art = {"dir": "llm", "format": "safetensors", "dtype": "float32", "backend": "fastllm"}
+    art = {"dir": "llm", "format": "safetensors", "dtype": "float32", "backend": "fastllm",
+           "files": _listed(tmp_path / "llm")}
     ours = fastllm.FastLLM(Manifest(tmp_path, {"model": model, "artifacts": {"llm": art}}))
     seen = {}
 

@@ -15,14 +15,6 @@ from PIL import Image
 from ib_edge.runtime import InputError, Pipeline
 
 
-@pytest.fixture(scope="module")
-def rtn_bundle(reference_dir, tmp_path_factory):
-    from ib_edge.export.bundle import export_bundle
-
-    return export_bundle(str(reference_dir("llama")), tmp_path_factory.mktemp("rtn") / "b", llm_quant="rtn",
-                         group_size=32, quiet=True)
-
-
 def _first_logits(pipe, image, prompt):
     enc = pipe.prompts.encode(prompt)
     q = pipe.query_embeds(pipe.image_embeds(pipe.pixel_values([image])), enc["qformer_input_ids"],
