@@ -1,0 +1,10 @@
+"""ib_edge.triton: a bundle as a Triton Inference Server model repository, and a server for it.
+
+    ib-triton export BUNDLE --out REPO [--variant ngc|python] [--instances N] [--max-batch N]
+    ib-triton serve REPO [--http-port N] [--grpc-port N] [--metrics-port N] [--env DIR]
+
+``repository`` writes the repository (config.pbtxt per model, from the manifest), ``models``
+holds the Python-backend models Triton runs, ``server`` prepares the Python environment the
+backend's stub needs and runs PyTriton's ``tritonserver`` binary. ``models`` imports only
+``ib_edge.runtime`` (it runs inside Triton's stub, in an environment without the export tools).
+"""
