@@ -10,6 +10,7 @@ protobuf < 7 and the project's gptqmodel 7.6 needs >= 7.34, so they cannot share
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import json
 import os
 import signal
@@ -222,8 +223,11 @@ def _listen_addresses(port: int) -> set[str]:
         for line in Path(table).read_text().splitlines()[1:]:
             local, state = line.split()[1], line.split()[3]
             addr, p = local.split(":")
-            if state == "0A" and int(p, 16) == port:
-                out.add(socket.inet_ntoa(bytes.fromhex(addr)[::-1]) if len(addr) == 8 else f"[{addr}]")
+            if state != "0A" or int(p, 16) != port:
+                continue
+            raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, len(addr), 8))  # host-order words
+            ip = ipaddress.ip_address(raw)
+            out.add(str(getattr(ip, "ipv4_mapped", None) or ip))
     return out
 
 
