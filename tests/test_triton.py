@@ -196,6 +196,7 @@ def test_configs_parse_with_tritons_schema(repos, proof_bundle, env_python):
                 assert c["platform"] == "onnxruntime_onnx" and c["instance_group"][0]["kind"] == "KIND_GPU"
             else:
                 assert c["backend"] == "python" and c["instance_group"][0]["kind"] == "KIND_CPU"
+                assert c["parameters"]["threads"] == {"string_value": str(ExportOptions().threads)}
         q = manifest.artifact("qformer")["outputs"][0]["shape"]
         assert [int(d) for d in cfg["llm"]["input"][0]["dims"]] == [1, q[1], q[2]]
         assert cfg["llm"].get("max_batch_size", 0) == 0

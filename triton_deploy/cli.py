@@ -1,8 +1,10 @@
 """ib-triton: a bundle as a Triton model repository, and a Triton server for it.
 
-    ib-triton export BUNDLE --out REPO [--variant ngc|python] [--instances N] [--max-batch N]
+    ib-triton export BUNDLE --out REPO [--variant ngc|python] [--instances N] [--max-batch N] [--threads N]
     ib-triton serve REPO [--http-port N] [--grpc-port N] [--metrics-port N] [--env DIR]
     ib-triton env [--env DIR]      prepare the models' environment only (what serve does first)
+    ib-triton client [--env DIR] configs REPO | ask --url HOST:PORT [--protocol grpc] QUERIES.json
+                                   ib_edge.triton.client in that environment (tritonclient lives there)
 
 Problems get one line on stderr and a non-zero exit: 2 for bad arguments or input, 3 for a bad
 bundle or repository, 4 when the server fails.
@@ -32,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                          f"python: all four models on the Python backend (default {e.variant})")
     ex.add_argument("--instances", type=int, default=e.instances, help="model instances per model")
     ex.add_argument("--max-batch", type=int, default=e.max_batch, help="max batch of the dynamic batcher")
+    ex.add_argument("--threads", type=int, default=e.threads,
+                    help=f"CPU threads per Python-backend model instance, 0: all cores (default {e.threads})")
     ex.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
     sv = sub.add_parser("serve", help="run a repository on PyTriton's tritonserver, bound to 127.0.0.1")
     sv.add_argument("repo", help="repository directory (ib-triton export --out)")
@@ -42,7 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "absent; default: one under $IB_EDGE_HOME/triton-env)")
     en = sub.add_parser("env", help="prepare the models' environment and print its path")
     en.add_argument("--env", default=s.env)
+    cl = sub.add_parser("client", help="run ib_edge.triton.client (configs | ask) in the models' environment")
+    cl.add_argument("--env", default=s.env)
+    cl.add_argument("args", nargs=argparse.REMAINDER, help="arguments of python -m ib_edge.triton.client")
     return ap
+
+
+def run_client(env_dir, args: list[str], log) -> int:
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from .server import copy_code, prepare_env
+
+    env = prepare_env(env_dir, log)
+    with tempfile.TemporaryDirectory(prefix="ib-triton-code-") as code:
+        copy_code(Path(code))
+        return subprocess.run([str(env.root / "bin" / "python"), "-m", "ib_edge.triton.client", *args], cwd=code,
+                              env={**os.environ, "PYTHONPATH": code}).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from .repository import export_repository
 
-            opts = ExportOptions(variant=args.variant, instances=args.instances, max_batch=args.max_batch)
+            opts = ExportOptions(variant=args.variant, instances=args.instances, max_batch=args.max_batch,
+                                 threads=args.threads)
             out = export_repository(args.bundle, args.out, opts, verify=not args.no_verify)
             print(out)
             return 0
@@ -66,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(prepare_env(args.env, log).root)
             return 0
+        if args.command == "client":
+            return run_client(args.env, args.args, log)
         from .server import serve
 
         return serve(args.repo, ServeOptions(http_port=args.http_port, grpc_port=args.grpc_port,
