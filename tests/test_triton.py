@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ib_edge.runtime import BundleError, InputError, Manifest, Pipeline
+from ib_edge.runtime import InputError, Manifest, Pipeline
 from ib_edge.triton import repository, spec
 from ib_edge.triton.models import decode_image, make_llm
 from ib_edge.triton.repository import ExportOptions, RepositoryError, export_repository
