@@ -59,13 +59,16 @@ sys.path.insert(0, sys.argv[1])
 import tensorrt as t
 classes, enums = sys.argv[2].split(","), sys.argv[3].split(",")
 
-def signature(fn):
-    doc = (getattr(fn, "__doc__", None) or "").strip().splitlines()
-    m = re.match(r"\w+\((.*)\)\s*->\s*([\w.\[\], ]+)", doc[0]) if doc else None
-    if not m:
-        return None
-    params = [p.split(":")[0].split("=")[0].strip() for p in re.split(r",\s*(?![^\[]*\])", m.group(1)) if p.strip()]
-    return {"params": [p for p in params if p not in ("self", "*", "/")], "returns": m.group(2).strip()}
+def signatures(fn):
+    """Every pybind11 signature of ``fn`` (overloads listed as "1. name(...) -> T")."""
+    out = []
+    for line in (getattr(fn, "__doc__", None) or "").splitlines():
+        m = re.match(r"(?:\d+\.\s+)?\w+\((.*)\)\s*->\s*(\S+)\s*$", line.strip())
+        if not m or m.group(1) == "*args, **kwargs":
+            continue
+        params = [p.split(":")[0].split("=")[0].strip() for p in re.split(r",\s*(?![^\[]*\])", m.group(1)) if p.strip()]
+        out.append({"params": [p for p in params if p not in ("self", "*", "/")], "returns": m.group(2)})
+    return out
 
 out = {"module": sorted(n for n in dir(t) if not n.startswith("_")), "classes": {}, "enums": {}}
 for name in classes:
@@ -78,15 +81,15 @@ for name in classes:
         kind = "property" if isinstance(raw, property) else "method" if callable(getattr(cls, attr)) else "value"
         rec = {"kind": kind}
         if kind == "method" and attr != "__init__":
-            sig = signature(getattr(cls, attr))
-            if sig:
-                rec.update(sig)
+            sigs = signatures(getattr(cls, attr))
+            if sigs:
+                rec["signatures"] = sigs
         members[attr] = rec
     out["classes"][name] = members
 for name in enums:
     e = getattr(t, name, None)
     if e is not None:
-        out["enums"][name] = list(e.__members__)
+        out["enums"][name] = {k: int(v) for k, v in e.__members__.items()}
 print(json.dumps(out))
 '''
 
