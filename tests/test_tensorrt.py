@@ -167,7 +167,8 @@ def fake_tensorrt(api=None, *, parse_errors=(), build_fails=False, inputs=(("x",
     """The builder/runner's view of TensorRT, held to one real release's API (``api``, from
     tests/trt_api; default 10.3.0): every module name, class member, enum member and keyword
     the code touches must exist in that release (tests/trt_standin.py). Calls are recorded in
-    ``trt.calls``. The engine computes y = 2 x + 1 on host memory."""
+    ``trt.calls``. ``inputs="onnx"``: the network's inputs are the parsed graph's. The engine
+    computes y = 2 x + 1 on host memory."""
     api = dict(api or load_api("10.3.0"))
     if version is not None:
         api["tensorrt_version"] = version
@@ -184,17 +185,28 @@ def fake_tensorrt(api=None, *, parse_errors=(), build_fails=False, inputs=(("x",
             calls.append(("logger", severity))
 
     class Network:
-        num_inputs = len(inputs)
+        def __init__(self):
+            self.inputs = [] if inputs == "onnx" else list(inputs)
+
+        @property
+        def num_inputs(self):
+            return len(self.inputs)
 
         def get_input(self, i):
-            return types.SimpleNamespace(name=inputs[i][0], shape=inputs[i][1])
+            return types.SimpleNamespace(name=self.inputs[i][0], shape=self.inputs[i][1])
 
     class OnnxParser:
         def __init__(self, network, logger):
-            self.num_errors = 0
+            self.network, self.num_errors = getattr(network, "_obj", network), 0  # the fake behind the stand-in
 
         def parse_from_file(self, path):
             calls.append(("parse_from_file", path))
+            if inputs == "onnx":  # the graph's own inputs, dynamic axes as -1
+                import onnx
+
+                g = onnx.load(path, load_external_data=False).graph
+                self.network.inputs = [(i.name, tuple(d.dim_value or -1 for d in i.type.tensor_type.shape.dim))
+                                       for i in g.input]
             self.num_errors = len(parse_errors)
             return not parse_errors
 
