@@ -11,9 +11,9 @@ bundle keeps that one: it is what ONNX Runtime CPU runs fastest):
 1. raise the opset to 19 (ONNX's version converter),
 2. convert every float tensor, initializer and Q/DQ scale to fp16 with onnxconverter-common,
    graph inputs and outputs kept fp32 (Casts at the boundary),
-3. keep every Q/DQ away from an fp32 tensor: a QuantizeLinear fed by a graph input's fp32->fp16
-   Cast is dropped with its DequantizeLinear (that node's activation then stays fp16; its
-   weights stay INT8). This is NVIDIA/TensorRT#4832's pattern: TensorRT fuses the Cast into the
+3. keep every Q/DQ away from an fp32 tensor: an activation Q/DQ pair fed by a graph input's
+   fp32->fp16 Cast, or feeding a graph output's fp16->fp32 Cast, is dropped (that tensor then
+   stays fp16; weights stay INT8). This is NVIDIA/TensorRT#4832's pattern: TensorRT fuses the Cast into the
    Q/DQ and a strongly typed build on SM 8.7 (Orin) fails with "Could not infer output types for
    operation: dequantize" (its report: fp32 data, int8 input, fp16 scale).
 
@@ -179,10 +179,11 @@ def check(model_or_path, precision: str) -> list[str]:
     return out
 
 
-def _bypass_input_casts(model) -> list[str]:
-    """Drop every QuantizeLinear fed (through pass-through ops) by a Cast of an fp32 tensor,
-    together with its DequantizeLinear consumers: their consumers read the fp16 tensor. Returns
-    the names of the nodes whose activation input is no longer INT8."""
+def _bypass_fp32_neighbours(model) -> list[str]:
+    """Drop every activation Q/DQ pair that meets an fp32 tensor: a QuantizeLinear fed (through
+    pass-through ops) by a Cast of an fp32 tensor (a graph input), or one whose DequantizeLinear
+    reaches (through pass-through ops) a Cast to fp32 (a graph output). The pair's consumers read
+    the fp16 tensor instead. Returns the names of the nodes whose input is no longer INT8."""
     from onnx import TensorProto
 
     types = _elem_types(model)
@@ -192,27 +193,45 @@ def _bypass_input_casts(model) -> list[str]:
     for n in g.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    drop, kept_fp16 = set(), []
-    for q in g.node:
-        if q.op_type != "QuantizeLinear":
-            continue
-        t, p, seen = q.input[0], producer.get(q.input[0]), set()
+
+    def from_fp32_cast(t):
+        p, seen = producer.get(t), set()
         while p is not None and p.op_type in PASS_THROUGH and t not in seen:
             seen.add(t)
             t = p.input[0]
             p = producer.get(t)
-        if not (p is not None and p.op_type == "Cast" and types.get(p.input[0]) == TensorProto.FLOAT):
+        return p is not None and p.op_type == "Cast" and types.get(p.input[0]) == TensorProto.FLOAT
+
+    def to_fp32_cast(t):
+        todo, seen = [t], set()
+        while todo:
+            cur = todo.pop()
+            if cur in seen:
+                continue
+            seen.add(cur)
+            for c in consumers.get(cur, []):
+                if c.op_type == "Cast" and next((a.i for a in c.attribute if a.name == "to"), None) == TensorProto.FLOAT:
+                    return True
+                if c.op_type in PASS_THROUGH:
+                    todo.extend(c.output)
+        return False
+
+    drop, kept_fp16 = set(), []
+    for q in g.node:
+        if q.op_type != "QuantizeLinear":
             continue
-        dqs = [c for c in consumers.get(q.output[0], [])]
+        dqs = consumers.get(q.output[0], [])
+        if not (from_fp32_cast(q.input[0]) or any(to_fp32_cast(dq.output[0]) for dq in dqs)):
+            continue
         if not dqs or any(c.op_type != "DequantizeLinear" for c in dqs):
             raise GraphCheckError(f"QuantizeLinear {q.name} feeds {[c.op_type for c in dqs]}, not only "
-                                  "DequantizeLinear; cannot keep it away from the fp32 input")
+                                  "DequantizeLinear; cannot keep it away from fp32")
         drop.add(id(q))
         for dq in dqs:
             drop.add(id(dq))
             for c in consumers.get(dq.output[0], []):
                 c.input[:] = [q.input[0] if i == dq.output[0] else i for i in c.input]
-                if c.op_type not in ("Shape", "Size"):
+                if c.op_type not in ("Shape", "Size", "Cast"):
                     kept_fp16.append(c.name or c.output[0])
             for o in g.output:
                 if o.name == dq.output[0]:
@@ -243,7 +262,7 @@ def convert(qdq_path: Path, out_path: Path) -> dict:
         model = float16.convert_float_to_float16(original, keep_io_types=True, op_block_list=[],
                                                  disable_shape_infer=False)
     _restore_fp32_outputs(original, model)
-    kept_fp16 = _bypass_input_casts(model)
+    kept_fp16 = _bypass_fp32_neighbours(model)
     problems = check(model, "int8")
     if problems:
         raise GraphCheckError(f"{Path(qdq_path).name}: the INT8-over-FP16 conversion left problems: "

@@ -137,6 +137,20 @@ def test_ort_provider_options_tensorrt(tmp_path):
     assert (fp32["trt_int8_enable"], fp32["trt_fp16_enable"]) == ("0", "0")
 
 
+def test_ort_tensorrt_ep_precision_options_per_bundle_precision(tmp_path):
+    """What the bundle's graphs need from ORT's TensorRT EP (runtime/stages.py states why): its
+    options are TensorRT builder flags, which only weakly typed (10.x) builds have."""
+    from ib_edge.runtime.stages import TRT_EP_PRECISION_OPTIONS
+
+    assert TRT_EP_PRECISION_OPTIONS == {"fp32": {"trt_fp16_enable": "0", "trt_int8_enable": "0"},
+                                        "fp16": {"trt_fp16_enable": "1", "trt_int8_enable": "0"},
+                                        "int8": {"trt_fp16_enable": "1", "trt_int8_enable": "1"}}
+    for precision, want in TRT_EP_PRECISION_OPTIONS.items():
+        _, opts = ort_provider_options("tensorrt", precision, tmp_path)
+        assert {k: opts[k] for k in want} == want
+        assert not any("calibration" in k for k in opts)  # Q/DQ graphs carry their scales: no table
+
+
 def test_ort_provider_options_cuda_and_errors(tmp_path):
     assert ort_provider_options("cuda", "fp32", tmp_path, device=1) == ("CUDAExecutionProvider", {"device_id": "1"})
     with pytest.raises(IbEdgeError, match="'rocm'"):
