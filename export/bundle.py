@@ -461,9 +461,12 @@ def build_engines(artifacts: dict, root: Path, precision: str, source: dict, opt
         if int8_inputs is None:
             raise ExportError("int8 engines need the fp32 graphs and the calibration set to validate their "
                               "INT8-over-FP16 graphs")
+        from ib_edge.quant.int8 import Int8Recipe
+
+        recipes = {st: Int8Recipe.load(root / artifacts[st]["quantization"]["recipe"]) for st in specs.GRAPH_SPECS}
         made = int8_fp16_graphs(int8_inputs["fp32"], {st: root / artifacts[st]["file"] for st in specs.GRAPH_SPECS},
                                 preprocess=int8_inputs["preprocess"], prompts=int8_inputs["prompts"],
-                                calib=int8_inputs["calib"], log=log)
+                                calib=int8_inputs["calib"], recipes=recipes, log=log)
     cache = Path(opts.get("timing_cache") or (root.parent / ".ib-edge-timing.cache"))
     for stage in specs.GRAPH_SPECS:
         art = artifacts[stage]

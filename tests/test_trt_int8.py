@@ -88,7 +88,8 @@ def validate_trt_int8(bundle, tmp_path):
     cal["qformer"] = _qformer_feeds(int8.run_graph(fp32["vision"], cal["vision"], "image_embeds"),
                                     calib.instructions, prompts)
     qdq = {st: int8.apply(fp32[st], tmp_path / f"{st}.onnx", int8.Int8Recipe(), cal[st]) for st in fp32}
-    return int8_fp16_graphs(fp32, qdq, preprocess=m["preprocess"], prompts=prompts, calib=calib, log=print)
+    return int8_fp16_graphs(fp32, qdq, preprocess=m["preprocess"], prompts=prompts, calib=calib,
+                            recipes={st: int8.Int8Recipe() for st in qdq}, log=print)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
