@@ -221,8 +221,8 @@ def build_engine(onnx_path, engine_path, *, precision: str, profiles: dict[str, 
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    # No precision flags (11.x has none; strongly typed 10.x ignores them): the graph's types
-    # decide. TF32 off, so fp32 tensors (the fp32 graph; the fp16 graph's kept-fp32 norms) stay
+    # No precision flags (11.x has none; a strongly typed 10.x network must not set them): the
+    # graph's types decide. TF32 off, so fp32 tensors (the fp32 graph; the fp16 graph's kept-fp32 norms) stay
     # fp32: TF32 matmuls drift ~1e-3.
     config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()

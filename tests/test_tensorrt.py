@@ -680,10 +680,26 @@ def tiny_onnx(tmp_path_factory):
     return path
 
 
-# Tolerances: fp32 builds with TF32 off, so only reduction order differs from ORT (1e-5 on
-# LayerNorm outputs of order 1); fp16 keeps 10 mantissa bits, ~1e-3 relative per op, so 2e-2.
+def _graph_for(precision, fp32_path, tmp_path):
+    """The graph a strongly typed engine of ``precision`` is built from, as the bundle makes it."""
+    from ib_edge.quant import fp16, int8, trt_int8
+
+    if precision == "fp32":
+        return fp32_path
+    if precision == "fp16":
+        return fp16.convert(fp32_path, tmp_path / "tiny.fp16.onnx")
+    feeds = [{"x": np.random.default_rng(i).normal(size=(4, 16)).astype(np.float32)} for i in range(8)]
+    qdq = int8.apply(fp32_path, tmp_path / "tiny.qdq.onnx", int8.Int8Recipe(), feeds)
+    trt_int8.convert(qdq, tmp_path / "tiny.trt-int8.onnx")
+    return tmp_path / "tiny.trt-int8.onnx"
+
+
+# Tolerances, against ONNX Runtime CPU on the same graph: fp32 builds with TF32 off, so only
+# reduction order differs (1e-5 on LayerNorm outputs of order 1); fp16 keeps 10 mantissa bits,
+# ~1e-3 relative per op, so 2e-2; int8 over fp16: the same Q/DQ arithmetic, but a value on a
+# rounding boundary may land one quantization step away (scale ~0.03 here), so 1e-1.
 @needs_tensorrt
-@pytest.mark.parametrize("precision, atol", [("fp32", 1e-4), ("fp16", 2e-2)])
+@pytest.mark.parametrize("precision, atol", [("fp32", 1e-4), ("fp16", 2e-2), ("int8", 1e-1)])
 def test_real_engine_matches_onnxruntime(tiny_onnx, tmp_path, precision, atol):
     import onnxruntime as ort
     import torch
@@ -691,7 +707,8 @@ def test_real_engine_matches_onnxruntime(tiny_onnx, tmp_path, precision, atol):
     if not torch.cuda.is_available():
         pytest.skip("TensorRT is installed but no CUDA GPU is visible")
     bundle = tmp_path / "b"
-    rec = build_engine(tiny_onnx, bundle / "tiny.engine", precision=precision,
+    graph = _graph_for(precision, tiny_onnx, tmp_path)
+    rec = build_engine(graph, bundle / "tiny.engine", precision=precision,
                        profiles={"x": ((1, 16), (2, 16), (4, 16))}, timing_cache=tmp_path / "timing.cache",
                        log=lambda m: None)
     data = {"schema_version": SCHEMA_VERSION, "precision": precision, "source": {"model": "tiny"},
@@ -701,7 +718,7 @@ def test_real_engine_matches_onnxruntime(tiny_onnx, tmp_path, precision, atol):
                 "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 32]}]}}}
     (bundle / MANIFEST).write_text(json.dumps(data))
     stage = TensorRTStage(Manifest.load(bundle), "tiny")
-    sess = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     for batch in (1, 3, 4):
         x = np.random.default_rng(batch).normal(size=(batch, 16)).astype(np.float32)
         got, want = stage(x=x)["y"], sess.run(["y"], {"x": x})[0]
