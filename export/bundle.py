@@ -261,12 +261,14 @@ def export_bundle(model_ref: str | None, out: Path, *, precision: str = "fp32", 
                     artifacts[stage]["quantization"]["recipe"] = f"recipes/{stage}.int8.json"
             extra = {"calibration": calib_set.record(), "drift": {"query_embeds_chain": q["chain"],
                      "reference": "fp32 graphs", "inputs": "held-out split of the calibration set"}}
-            shutil.rmtree(fp32_dir)
         for stage, spec in graph_specs.items():
             artifacts[stage] = {**_graph_record(tmp / f"{stage}.onnx", tmp, spec, stage_precision.get(stage, precision),
                                                 opset), **artifacts[stage]}
         if backend == "tensorrt":
-            build_engines(artifacts, tmp, precision, source, trt or {}, log)
+            build_engines(artifacts, tmp, precision, source, trt or {}, log, int8_inputs=None if precision != "int8" else {
+                "fp32": fp32_paths, "preprocess": prep, "prompts": prompts, "calib": calib_set})
+        if fp32_dir != tmp:
+            shutil.rmtree(fp32_dir)
         log(f"[{n_steps - bool(llm_quant)}/{n_steps}] checking tokenizers and writing manifest")
         check_tokenizers(processor, mrec, {k: tmp / v for k, v in tokenizers.items()})
         manifest = {
@@ -441,22 +443,48 @@ def weight_only_bundle_llm(root: Path, manifest: dict, mode: str, group_size: in
             "family": manifest["artifacts"]["llm"]["family"], "quantization": rec}
 
 
-def build_engines(artifacts: dict, root: Path, precision: str, source: dict, opts: dict, log) -> None:
-    """Build a TensorRT engine per graph; the artifact then points at the engine and keeps
-    the ONNX file (listed and hashed too) for rebuilding on another device."""
+def build_engines(artifacts: dict, root: Path, precision: str, source: dict, opts: dict, log,
+                  int8_inputs: dict | None = None) -> None:
+    """Build a strongly typed TensorRT engine per graph; the artifact then points at the engine
+    and keeps the ONNX files (listed and hashed too) for rebuilding on another device.
+
+    fp32/fp16 engines build from the bundle's graph. int8 engines build from an INT8-over-FP16
+    graph made from the searched fp32 Q/DQ graph and validated against the fp32 graphs first
+    (``trt_graphs.int8_fp16_graphs``; ``int8_inputs``: the fp32 graph paths, preprocess record,
+    prompt encoder and calibration set); a drift-budget miss stops the export. The engine record
+    names the graph it was built from (``engine["graph"]``)."""
     from . import tensorrt as trt_build
 
+    made = {}
+    if precision == "int8":
+        from .trt_graphs import int8_fp16_graphs
+
+        if int8_inputs is None:
+            raise ExportError("int8 engines need the fp32 graphs and the calibration set to validate their "
+                              "INT8-over-FP16 graphs")
+        from ib_edge.quant.int8 import Int8Recipe
+
+        recipes = {st: Int8Recipe.load(root / artifacts[st]["quantization"]["recipe"]) for st in specs.GRAPH_SPECS}
+        made = int8_fp16_graphs(int8_inputs["fp32"], {st: root / artifacts[st]["file"] for st in specs.GRAPH_SPECS},
+                                preprocess=int8_inputs["preprocess"], prompts=int8_inputs["prompts"],
+                                calib=int8_inputs["calib"], recipes=recipes, log=log)
     cache = Path(opts.get("timing_cache") or (root.parent / ".ib-edge-timing.cache"))
     for stage in specs.GRAPH_SPECS:
         art = artifacts[stage]
         profiles = trt_build.profiles_from_manifest_inputs(
             art["inputs"], batch=tuple(opts.get("batch", trt_build.DEFAULT_BATCH)),
             text_len=tuple(opts.get("text_len", trt_build.DEFAULT_TEXT_LEN)))
+        graph = made["stages"][stage] if made else {"file": art["file"], "precision": art["precision"]}
         engine = root / f"{stage}.engine"
-        rec = trt_build.build_engine(root / art["file"], engine, precision=precision, profiles=profiles,
+        rec = trt_build.build_engine(root / graph["file"], engine, precision=precision, profiles=profiles,
                                      workspace_mb=int(opts.get("workspace_mb", trt_build.DEFAULT_WORKSPACE_MB)),
                                      timing_cache=cache, log=lambda m: log(f"      {m}"))
-        art.update({"onnx": art["file"], "file": engine.name, "backend": "tensorrt", "engine": rec})
+        rec["graph"] = graph
+        if made and stage == "qformer":
+            rec["graph"]["chain_drift"] = made["chain"]
+        art.update({"onnx": graph["file"], "file": engine.name, "backend": "tensorrt", "engine": rec})
+        for f in onnx_export.graph_files(root / graph["file"]):
+            art["files"][str(f.relative_to(root))] = sha256_file(f)
         art["files"][engine.name] = sha256_file(engine)
 
 

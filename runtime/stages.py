@@ -24,11 +24,38 @@ class ProviderError(IbEdgeError):
     pass
 
 
+# ONNX Runtime's TensorRT EP (ib-run --providers tensorrt) on a bundle's ONNX graphs. Its
+# trt_fp16_enable / trt_int8_enable options set TensorRT's FP16 / INT8 *builder flags* (ORT's
+# "TensorRT Execution Provider" docs, provider-options table; the EP builds weakly typed
+# networks). Checked 2026-12-02: those docs list TensorRT up to 10.x and say nothing of strong
+# typing; TensorRT 11 has no such flags (its Python API lacks BuilderFlag.FP16/INT8, see
+# tests/trt_api) and ORT's TensorRT-11 support (microsoft/onnxruntime#28611) guards the removed
+# APIs, so under TensorRT 11 the options cannot take effect and the graph's own types decide,
+# as in ib-export --backend tensorrt. What each bundle precision needs, per TensorRT release:
+#   fp32: both off (a graph of fp32 tensors; on 10.x FP16 on would let TensorRT lower them).
+#   fp16: trt_fp16_enable=1: on 10.x (weak typing) the fp16 graph's layers run in fp32 without
+#         it; TensorRT may then also run the graph's kept-fp32 norms/softmax in fp16 (weak
+#         typing's choice, not validated here; --backend tensorrt builds strongly typed and keeps
+#         them fp32). On 11.x: ignored, the fp16 graph is fp16.
+#   int8: trt_int8_enable=1 for the Q/DQ graph (weakly typed builds: "to enable any quantization
+#         operations, the INT8 flag must be set", TensorRT 8.x developer guide; TensorRT's
+#         current explicit-quantization page instead says to build strongly typed with no
+#         precision flags) and trt_fp16_enable=1 for the layers left unquantized. On 11.x: ignored,
+#         and the bundle's fp32 Q/DQ graph runs INT8 + FP32; for INT8 over FP16 on TensorRT 11
+#         export with --backend tensorrt (the INT8-over-FP16 graph, validated).
+TRT_EP_PRECISION_OPTIONS = {
+    "fp32": {"trt_fp16_enable": "0", "trt_int8_enable": "0"},
+    "fp16": {"trt_fp16_enable": "1", "trt_int8_enable": "0"},
+    "int8": {"trt_fp16_enable": "1", "trt_int8_enable": "1"},
+}
+
+
 def ort_provider_options(provider: str, precision: str, cache_dir, *, device: int = 0,
                          workspace_mb: int = DEFAULT_WORKSPACE_MB) -> tuple[str, dict]:
     """(provider name, options) for ``InferenceSession(providers=[...])``. Values are strings
     ("1"/"0"), which every ORT version parses. The TensorRT EP caches the engines it builds in
-    ``cache_dir``; ORT checks those against the TensorRT version itself."""
+    ``cache_dir``; ORT checks those against the TensorRT version itself. Precision options:
+    ``TRT_EP_PRECISION_OPTIONS`` (what they mean on TensorRT 10 and 11 is written above it)."""
     if precision not in PRECISIONS:
         raise ProviderError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     kind = provider.lower().replace("executionprovider", "")
@@ -37,8 +64,7 @@ def ort_provider_options(provider: str, precision: str, cache_dir, *, device: in
         cache.mkdir(parents=True, exist_ok=True)
         return "TensorrtExecutionProvider", {
             "device_id": str(device),
-            "trt_fp16_enable": "1" if precision in ("fp16", "int8") else "0",
-            "trt_int8_enable": "1" if precision == "int8" else "0",  # Q/DQ graphs need it on
+            **TRT_EP_PRECISION_OPTIONS[precision],
             "trt_engine_cache_enable": "1",
             "trt_engine_cache_path": str(cache),
             "trt_timing_cache_enable": "1",
