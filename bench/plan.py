@@ -16,8 +16,8 @@ nothing is allocated):
     zero point (1 B as stored on CPU, a nibble on GPU) per group, embeddings/norms fp32 (CPU,
     as ``fastllm`` holds them) or fp16; int8: 1 B per linear weight + one fp32 scale per row;
     mixed from a config: int8's size (an upper bound: the search keeps some linears int4);
-  * LLM prefill activations over the whole context in one pass (T x (4 hidden + 3 MLP) +
-    heads x T x T);
+  * LLM prefill activations over the whole context in one pass, T x (4 hidden + 3 MLP) (fused
+    attention: no T x T score matrix);
   * KV cache: 2 x decoder layers x KV heads x head dim x context x dtype bytes (fp32 in the CPU
     int4 runtime's static cache and in the weight-only runtime, the checkpoint dtype in
     transformers, fp16 on a GPU). ``--context`` counts every position the LLM holds: for T5
@@ -283,7 +283,9 @@ def qformer_act_bytes(c: Counts, batch: int, text_len: int, b: int) -> int:
 
 
 def llm_act_bytes(c: Counts, context: int, b: int) -> int:
-    return (context * (4 * c.hidden + 3 * c.intermediate) + c.heads * context * context) * b
+    # no heads x T x T term: every LLM runtime here uses fused attention that does not hold the whole
+    # score matrix (torch SDPA, ONNX Runtime GroupQueryAttention, TensorRT fused MHA)
+    return context * (4 * c.hidden + 3 * c.intermediate) * b
 
 
 def default_context(c: Counts) -> int:

@@ -252,7 +252,8 @@ def build_checkpoint(name: str, out: str | Path, *, dtype: str = "float16", laye
         weight_map.update({k: final for k in names})
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n", encoding="utf-8")
-    config.dtype = torch_dtype
+    for c in (config, config.vision_config, config.qformer_config, config.text_config):
+        c.dtype = torch_dtype   # dtype="auto" reads each sub-config's own
     config.save_pretrained(out)
     vc = config.vision_config
     build_processor(TinySpec(p.family, image_size=vc.image_size, patch_size=vc.patch_size,
