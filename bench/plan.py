@@ -151,6 +151,7 @@ class Counts:
     qformer_other: int
     llm_linear: int               # decoder-layer linears (T5: encoder + decoder)
     llm_linear_rows: int          # their output rows (one int8 scale each)
+    llm_decode_linear: int        # the linears one decode step reads (T5: the decoder's only)
     llm_head: int                 # lm_head parameters (vocab x hidden), tied or not
     llm_head_tied: bool
     llm_embed: int
@@ -189,7 +190,7 @@ def count(config, name: str = "model") -> Counts:
     with torch.device("meta"):
         model = InstructBlipForConditionalGeneration(config)
     parts = {"vision_matmul": 0, "vision_other": 0, "qformer_matmul": 0, "qformer_other": 0}
-    llm = {"linear": 0, "rows": 0, "head": 0, "embed": 0, "other": 0}
+    llm = {"linear": 0, "rows": 0, "decode": 0, "head": 0, "embed": 0, "other": 0}
     for pname, p in model.named_parameters():
         n = p.numel()
         if pname.startswith("language_model."):
@@ -201,6 +202,7 @@ def count(config, name: str = "model") -> Counts:
             elif p.dim() == 2 and "relative_attention_bias" not in leaf:
                 llm["linear"] += n
                 llm["rows"] += p.shape[0]
+                llm["decode"] += 0 if pname.startswith("language_model.encoder.") else n
             else:
                 llm["other"] += n
             continue
@@ -225,6 +227,7 @@ def count(config, name: str = "model") -> Counts:
     dtype = getattr(text, "dtype", None) or getattr(config, "dtype", None) or "float32"
     dtype = str(dtype).replace("torch.", "")
     return Counts(name=name, family=text.model_type, **parts, llm_linear=llm["linear"], llm_linear_rows=llm["rows"],
+                  llm_decode_linear=llm["decode"],
                   llm_head=llm["head"], llm_head_tied=tied, llm_embed=llm["embed"], llm_other=llm["other"],
                   llm_dtype_bytes=_DTYPE_BYTES.get(dtype, 4), hidden=hidden, intermediate=inter, heads=heads,
                   kv_dim=kv_dim, dec_layers=dec_layers, max_positions=max_pos,
@@ -244,20 +247,22 @@ def graph_weight_bytes(matmul: int, other: int, precision: str, runtime: str) ->
 def llm_weight_bytes(c: Counts, llm_quant: str | None, group_size: int, runtime: str) -> dict:
     """-> {"resident": bytes held, "per_token": bytes one decode step reads}."""
     fbytes = c.llm_dtype_bytes if runtime == "cpu" else 2
+    enc = c.llm_linear - c.llm_decode_linear       # T5's encoder linears: read once per prompt, not per token
     if llm_quant is None:
         head = 0 if c.llm_head_tied else c.llm_head
         resident = (c.llm_linear + head + c.llm_embed + c.llm_other) * fbytes
-        per_token = (c.llm_linear + c.llm_head + c.llm_other + c.hidden) * fbytes
+        per_token = (c.llm_decode_linear + c.llm_head + c.llm_other + c.hidden) * fbytes
         return {"resident": resident, "per_token": per_token}
     small = 4 if runtime == "cpu" else 2   # embeddings, norms: fp32 in ib-edge's CPU low-bit runtimes
     if llm_quant in ("rtn", "gptq", "awq"):
         scale, zero = (4, 1) if runtime == "cpu" else (2, 0.5)
-        lin = c.llm_linear + c.llm_head        # lm_head is quantized too (quant/int4.py include_lm_head)
-        q = int(lin * 0.5 + lin / group_size * (scale + zero))
+        per_weight = 0.5 + (scale + zero) / group_size
     else:                                    # int8 (mixed: int8's size, an upper bound)
-        q = c.llm_linear + c.llm_head + (c.llm_linear_rows + c.llm_head // c.hidden) * 4
+        per_weight = 1 + 4 * (c.llm_linear_rows + c.llm_head // c.hidden) / (c.llm_linear + c.llm_head)
+    lin = c.llm_linear + c.llm_head          # lm_head is quantized too (quant/int4.py include_lm_head)
+    q = int(lin * per_weight)
     resident = q + (c.llm_embed + c.llm_other) * small
-    per_token = q + (c.llm_other + c.hidden) * small
+    per_token = int((lin - enc) * per_weight) + (c.llm_other + c.hidden) * small
     return {"resident": resident, "per_token": per_token}
 
 
@@ -458,7 +463,7 @@ def llama2_7b_counts() -> Counts:
     """Llama-2-7B by hand (hidden 4096, 32 layers, MLP 11008, vocab 32000): the reference runs' model."""
     h, i, L, v = 4096, 11008, 32, 32000
     lin = L * (4 * h * h + 3 * h * i)
-    return Counts("llama-2-7b", "llama", 0, 0, 0, 0, lin, L * (4 * h + 2 * i + h), v * h, False, v * h,
+    return Counts("llama-2-7b", "llama", 0, 0, 0, 0, lin, L * (4 * h + 2 * i + h), lin, v * h, False, v * h,
                   L * 2 * h + h, 2, h, i, 32, h, L, 4096, 257, 1408, 6144, 16, 39, 768, 3072, 12, 12, 32)
 
 

@@ -82,6 +82,11 @@ def test_flan_t5_xl_kv_uses_decoder_layers_and_all_heads():
     assert (c.family, c.dec_layers, c.kv_dim, c.hidden) == ("t5", 24, 32 * 64, 2048)
     s = plan.stage_bytes(src, plan.DEVICES["orin-nx-16"])
     assert s["bytes"]["kv cache"] == 2 * 24 * 2048 * 256 * 2
+    # a decode step reads the decoder (self-attn + cross-attn q/k/v/o, gated FFN) and lm_head, not the encoder
+    d, ff, vocab = 2048, 5120, 32128
+    decoder = 24 * (8 * d * d + 3 * d * ff)
+    assert c.llm_decode_linear == decoder
+    assert c.llm_linear == decoder + 24 * (4 * d * d + 3 * d * ff)
 
 
 def test_plan_of_a_bundle_uses_its_files(bundle_dir):
