@@ -22,7 +22,8 @@ nothing is allocated):
     int4 runtime's static cache and in the weight-only runtime, the checkpoint dtype in
     transformers, fp16 on a GPU). ``--context`` counts every position the LLM holds: for T5
     the prompt (cross-attention cache) plus the generated tokens (self-attention cache);
-  * runtime overhead (see ``OVERHEAD``).
+  * runtime overhead (see ``OVERHEAD``);
+  * CPU weight-only LLM (int8/mixed): the loader's moment at fp32 (``stage_bytes``), added to the peak.
 
 Decode bound: bandwidth / bytes read per generated token (every linear incl. lm_head with its
 scales, norms, one embedding row, the whole KV cache at the context). The realistic rate applies
@@ -342,16 +343,25 @@ def stage_bytes(src: Source, dev: Device) -> dict:
                              "cpu-fastllm": "measured: imports of ib-run with the int4 LLM runtime",
                              "cpu-transformers": "measured: imports of ib-run with transformers"}[overhead_key],
     }
-    return {"bytes": parts, "notes": notes, "context": ctx, "per_token": w["per_token"] + kv_bytes(c, ctx, kvb)}
+    # Loading the weight-only LLM on the CPU runtime builds the model in fp32 first (runtime/lowbit.py
+    # load_weight_only: from_config(dtype=float32), then the linears are swapped for int8/int4): for a
+    # moment the LLM is held at 4 B per parameter. Found by measuring ib-run's peak (T5-XL, 2 layers).
+    transient = 0
+    if rt == "cpu" and o.llm_quant in ("int8", "mixed"):
+        transient = max(0, c.llm_params * 4 - parts["llm weights"])
+    return {"bytes": parts, "notes": notes, "context": ctx, "per_token": w["per_token"] + kv_bytes(c, ctx, kvb),
+            "load_transient": transient}
 
 
 def plan_device(src: Source, dev: Device) -> dict:
     s = stage_bytes(src, dev)
     total = sum(s["bytes"].values())
+    peak = total + s["load_transient"]
     usable = dev.usable_bytes
     largest = max(s["bytes"], key=s["bytes"].get)
     out = {"device": dataclasses.asdict(dev), "usable_bytes": usable, "total_bytes": total,
-           "fits": total <= usable, "headroom_bytes": usable - total, "largest": largest,
+           "peak_bytes": peak, "load_transient_bytes": s["load_transient"],
+           "fits": peak <= usable, "headroom_bytes": usable - peak, "largest": largest,
            "stages": s["bytes"], "notes": s["notes"], "context": s["context"],
            "decode_bytes_per_token": s["per_token"]}
     if dev.bandwidth_gbs:
@@ -508,7 +518,7 @@ def check_export_fits(model_ref: str | None, target: str, *, precision: str = "f
     p = plan_device(src, dev)
     if not p["fits"]:
         big = p["largest"]
-        raise PlanError(f"{src.counts.name} does not fit {dev.name}: needs {p['total_bytes'] / GiB:.1f} GiB of "
+        raise PlanError(f"{src.counts.name} does not fit {dev.name}: needs {p['peak_bytes'] / GiB:.1f} GiB of "
                         f"{dev.usable_bytes / GiB:.1f} usable; largest part: {big} {p['stages'][big] / GiB:.1f} GiB",
                         hint=f"try {suggestion(src, big)}, or ib-bench --plan {ref} for the breakdown")
     return p
@@ -526,14 +536,14 @@ def render(plan: dict) -> str:
              + (f" (group {o['group_size']})" if o['llm_quant'] in ('rtn', 'gptq', 'awq') else "")
              + f"; parameters: vision {plan['params']['vision'] / 1e9:.3f} B, Q-Former "
                f"{plan['params']['qformer'] / 1e9:.3f} B, LLM {plan['params']['llm'] / 1e9:.3f} B", "",
-             "| device | memory GB | usable GiB | needs GiB | fits | headroom GiB | largest part | "
+             "| device | memory GB | usable GiB | needs GiB (peak) | fits | headroom GiB | largest part | "
              "bytes/token GiB | decode bound tok/s | realistic tok/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for d in plan["devices"]:
         dev = d["device"]
         bound = f"{d['decode_bound_tok_s']:.1f}" if d.get("decode_bound_tok_s") else "-"
         real = f"{d['realistic_tok_s']:.1f}" if d.get("realistic_tok_s") else "-"
-        lines.append(f"| {dev['name']} | {dev['memory_gb']:g} | {_gib(d['usable_bytes'])} | {_gib(d['total_bytes'])} | "
+        lines.append(f"| {dev['name']} | {dev['memory_gb']:g} | {_gib(d['usable_bytes'])} | {_gib(d['peak_bytes'])} | "
                      f"{'yes' if d['fits'] else 'NO'} | {_gib(d['headroom_bytes'])} | {d['largest']} | "
                      f"{_gib(d['decode_bytes_per_token'])} | {bound} | {real} |")
     first = plan["devices"][0]
@@ -541,6 +551,9 @@ def render(plan: dict) -> str:
               f"{first['context']}):", "", "| stage | GiB | how |", "|---|---|---|"]
     for k, v in first["stages"].items():
         lines.append(f"| {k} | {_gib(v)} | {first['notes'][k]} |")
+    if first["load_transient_bytes"]:
+        lines.append(f"| (while loading the LLM) | +{_gib(first['load_transient_bytes'])} | the weight-only loader "
+                     f"builds the LLM in fp32 first: peak {_gib(first['peak_bytes'])} GiB |")
     refs = plan["assumptions"]["reference_runs"]
     lines += ["", "Usable = memory x (1 - carveout) - OS; Jetson: 5% carveout (tegrastats shows 7772 of 8192 MB "
               "visible), 1.0 GiB headless OS (assumed). Realistic = bound x the fraction of its bound a published "
