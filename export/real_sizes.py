@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -263,12 +262,6 @@ def build_checkpoint(name: str, out: str | Path, *, dtype: str = "float16", laye
            "note": "random weights at the real shapes" + (f", every stack cut to {layers} layers" if layers else "")}
     (out / "real_size.json").write_text(json.dumps(rec, indent=2) + "\n", encoding="utf-8")
     return rec
-
-
-def full_size_commands() -> list[str]:
-    """The full-depth builds left for a machine session with the disk and time for them."""
-    return [f"python -m ib_edge.export.real_sizes --preset {p.name} --out /data/{p.name}" for p in PRESETS.values()
-            if p.buildable]
 
 
 def main(argv: list[str] | None = None) -> int:
