@@ -3,6 +3,7 @@
     ib-bench [--bundle DIR ...] [--eval FILE.jsonl] [--report DIR] [--json FILE] [--runs N]
              [--warmup N] [--n-eval N] [--max-new-tokens N] [--source CHECKPOINT] [--no-baselines]
     ib-bench --scale real [--scale-layers N] [--scale-dir DIR] [--report DIR]
+    ib-bench --plan MODEL [--precision P] [--llm-quant Q] [--group-size G] [--context N] [--target NAME] [--json FILE]
 
 The first fp32 bundle (by its manifest) is the drift reference. Without --eval a fresh
 proof-task set is generated (its seed is printed and recorded). The report (markdown) goes to
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --scale real: keep (and reuse) the checkpoint and bundles here (default: a temp dir)")
     ap.add_argument("--scale-calib", type=int, default=8, metavar="N",
                     help="with --scale real: calibration images for the int8 export (default 8)")
+    from . import plan
+
+    plan.add_arguments(ap)
     return ap
 
 
@@ -139,6 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     try:
+        if args.plan is not None:  # the planner: no measurement, its own report
+            from . import plan
+
+            result = plan.run_cli(args)
+            if args.json:
+                plan.write_json(result, args.json)
+            print(plan.render(result), end="")
+            return 0
         check_outputs(args)
         result = run(args, log)
         result["command"] = "ib-bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))

@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     ap.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
     ap.add_argument("--seed", type=int, default=0, help="seed for the validation inputs")
+    ap.add_argument("--target", default=None, metavar="NAME",
+                    help="refuse, before any work, a bundle the planner says cannot fit this device (agx-orin-64, "
+                         "agx-orin-32, orin-nx-16, orin-nx-8, orin-nano-8, orin-nano-4, host); see ib-bench --plan")
+    ap.add_argument("--context", type=int, default=None, metavar="N",
+                    help="with --target: the LLM positions to plan for (default: its max, <= 2048)")
     ap.add_argument("--quiet", action="store_true", help="print only the bundle path")
     return ap
 
@@ -108,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         from .bundle import export_bundle
         from .onnx_export import ExportValidationError
 
+        if args.target is not None:  # the planner's refusal, before any work (bench/plan.py)
+            from ib_edge.bench.plan import check_export_fits
+
+            check_export_fits(args.model, args.target, precision=args.precision, llm_quant=args.llm_quant,
+                              group_size=args.group_size, context=args.context)
+        elif args.context is not None:
+            raise IbEdgeError("--context plans for a device; use it with --target")
         out = args.out or default_bundle_dir()
         trt = {"workspace_mb": args.trt_workspace_mb, "batch": _triple(args.trt_batch, "--trt-batch"),
                "text_len": _triple(args.trt_text_len, "--trt-text-len")}
