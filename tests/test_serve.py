@@ -394,7 +394,7 @@ def test_cli_refusals(tmp_path, bundle):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        cases = [(["--bundle", tmp_path / "nope"], 3, "manifest"),
+        cases = [(["--bundle", tmp_path / "nope"], 3, "bundle not found"),
                  (["--bundle", bundle, "--port", port], 2, "cannot listen"),
                  (["--bundle", bundle, "--max-queue", "0"], 2, "--max-queue"),
                  (["--bundle", bundle, "--allow-files", tmp_path / "nodir"], 2, "--allow-files")]
