@@ -61,7 +61,7 @@ class ChatRequest(BaseModel):
     top_p: float | None = None
     seed: int | None = None
     n: int | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
 
 

@@ -312,11 +312,12 @@ def create_app(opts: ServeOptions, *, load=load_pipeline, on_fatal=None, on_read
             with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down, nobody waits
                 loop.call_soon_threadsafe(events.put_nowait, item)
 
-        job = Job(pv, enc, params, (lambda t: put(("text", t))) if req.stream else None,
+        stream = bool(req.stream)
+        job = Job(pv, enc, params, (lambda t: put(("text", t))) if stream else None,
                   lambda r: put(("done", r)))
         engine.submit(job)
         cid, created = api.completion_id(), api.now()
-        if req.stream:
+        if stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_sse(request, job, events, cid, created, include_usage),
                                      media_type="text/event-stream",
@@ -333,7 +334,7 @@ def create_app(opts: ServeOptions, *, load=load_pipeline, on_fatal=None, on_read
             job.cancel()
             raise
         if isinstance(result, Completion):
-            return api.completion_body(cid, state.model_name, created, state.pipe.prompts.decode(result.token_ids),
+            return api.completion_body(cid, state.model_name, created, result.text,
                                        result.finish_reason, result.prompt_tokens, len(result.token_ids))
         raise result if isinstance(result, Exception) else RuntimeError(repr(result))
 

@@ -46,7 +46,7 @@ class GenParams:
 
 @dataclasses.dataclass
 class Completion:
-    text: str
+    text: str                  # the whole answer, decoded as ib-run decodes it
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: str         # "stop" (EOS) or "length" (max_new_tokens reached)
@@ -214,7 +214,6 @@ class Engine:
             self._finish(job, Cancelled("client disconnected"))
             return
         p = job.params
-        pieces: list[str] = []
         first: list[float] = []
 
         def on_text(text: str) -> None:
@@ -224,7 +223,6 @@ class Engine:
                 raise Cancelled("client disconnected")
             if not first:
                 first.append(time.perf_counter())
-            pieces.append(text)
             if job.on_text is not None:
                 job.on_text(text)
 
@@ -248,7 +246,7 @@ class Engine:
         finish = "stop" if stopped or len(ids) < p.max_new_tokens else "length"
         job.timings.update(llm=(t1 - t0) * 1e3, first_text=((first[0] if first else t1) - job.t_submit) * 1e3,
                            total=(t1 - job.t_submit) * 1e3)
-        self._finish(job, Completion(text="".join(pieces), token_ids=ids,
+        self._finish(job, Completion(text=self.pipe.prompts.decode(ids), token_ids=ids,
                                      prompt_tokens=int(job.enc["input_ids"].shape[1]),
                                      finish_reason=finish, timings_ms=job.timings))
 
