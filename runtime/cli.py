@@ -1,11 +1,13 @@
 """ib-run: answer a question about an image from a deploy bundle.
 
-    ib-run [--bundle DIR] IMAGE PROMPT [--max-new-tokens N] [--num-beams N]
+    ib-run [--bundle DIR] IMAGE PROMPT [PROMPT ...] [--max-new-tokens N] [--num-beams N]
            [--temperature T] [--top-p P] [--seed S] [--llm-engine ort|torch] [--json]
 
-Tokens stream to stdout as they are generated; with --json one JSON object is printed at the
-end instead. Any problem with the image, the prompt or the bundle gets one line on stderr and
-a non-zero exit: 2 for bad input, 3 for a bad bundle.
+Tokens stream to stdout as they are generated, one answer per line and prompt; with --json one
+JSON object per prompt is printed instead (a line each). Several prompts are answered in turn
+from one load, the image's vision-encoder output computed once. Any problem with the image, the
+prompt or the bundle gets one line on stderr and a non-zero exit: 2 for bad input, 3 for a bad
+bundle.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ EXIT_INPUT, EXIT_BUNDLE, EXIT_INTERNAL = 2, 3, 4
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ib-run", description="Answer a question about an image from an ib-edge bundle.")
     ap.add_argument("image", help="image file (JPEG, PNG, ...)")
-    ap.add_argument("prompt", help="the question or instruction")
+    ap.add_argument("prompt", nargs="+", help="the question or instruction; several are answered in turn, "
+                                             "from one load and one vision-encoder pass")
     ap.add_argument("--bundle", help="bundle directory (default: where ib-export writes without --out)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--num-beams", type=int, default=1)
@@ -60,10 +63,11 @@ def check_args(args) -> None:
     surrogate escapes), out-of-range threads and seeds."""
     from .errors import InputError
 
-    try:
-        args.prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InputError("the prompt is not valid UTF-8 text") from None
+    for prompt in args.prompt:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError("the prompt is not valid UTF-8 text") from None
     if args.threads is not None and not 1 <= args.threads <= 1024:
         raise InputError(f"--threads must be between 1 and 1024, not {args.threads}")
     if args.seed is not None and not 0 <= args.seed < 2 ** 63:
@@ -108,20 +112,27 @@ def main(argv: list[str] | None = None) -> int:
         image = load_image(args.image)
         pipe = Pipeline.load(args.bundle, providers=providers, threads=args.threads, verify=not args.no_verify,
                              llm_engine=args.llm_engine)
-        pipe.prompts.check(args.prompt)
+        for prompt in args.prompt:
+            pipe.prompts.encode(prompt, args.max_new_tokens)  # every prompt checked before the first answer
+        if len(args.prompt) > 1:  # one entry holds this image's image_embeds for the other prompts
+            from .embed_cache import EmbedCache
+
+            pipe.embed_cache = EmbedCache(max_mb=256)
 
         def stream(text: str) -> None:
             sys.stdout.write(text)
             sys.stdout.flush()
 
-        result = pipe.run(image, args.prompt, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                          on_text=None if args.json else stream)
-        if args.json:
-            print(json.dumps({"answer": result.answer,
-                              "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()}}))
-        else:
-            sys.stdout.write("\n")
+        for prompt in args.prompt:
+            result = pipe.run(image, prompt, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                              temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                              on_text=None if args.json else stream)
+            if args.json:
+                print(json.dumps({"prompt": prompt, "answer": result.answer,
+                                  "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()}}), flush=True)
+            else:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
         return 0
     except InputError as e:
         print(f"ib-run: error: {e.line()}", file=sys.stderr)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .embed_cache import EmbedCache
 from .manifest import MANIFEST, Manifest, sha256_file
 from .preprocess import PromptEncoder, load_image, pixel_values
 from .stages import OnnxStage, session_providers
@@ -63,6 +64,7 @@ class Pipeline:
         self.qformer = make_stage(manifest, "qformer", providers, threads)
         self._llm = None
         self._threads = threads
+        self.embed_cache: EmbedCache | None = None  # set one to reuse image_embeds across calls
 
     @classmethod
     def load(cls, bundle_dir: str | os.PathLike | None = None, *, providers=None, threads: int | None = None,
@@ -101,6 +103,8 @@ class Pipeline:
         return pixel_values([load_image(i) for i in images], self.manifest.preprocess)
 
     def image_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
+        if self.embed_cache is not None:  # cached rows reused, the rest in one vision call
+            return self.embed_cache.embeds(pixel_values, lambda pv: self.vision(pixel_values=pv)["image_embeds"])
         return self.vision(pixel_values=pixel_values)["image_embeds"]
 
     def query_embeds(self, image_embeds: np.ndarray, qformer_input_ids, qformer_attention_mask) -> np.ndarray:

@@ -37,23 +37,6 @@ def eval_examples():
 
 
 @pytest.fixture(scope="session")
-def proof_bundle(tmp_path_factory):
-    from ib_edge.export.bundle import export_bundle
-
-    root = tmp_path_factory.mktemp("proof")
-    cache = {}
-
-    def get(name, precision="fp32", llm_quant=None):
-        key = (name, precision, llm_quant)
-        if key not in cache:
-            cache[key] = export_bundle(name, root / "-".join(map(str, key)), precision=precision,
-                                       llm_quant=llm_quant, quiet=True)
-        return cache[key]
-
-    return get
-
-
-@pytest.fixture(scope="session")
 def predictions(proof_bundle, eval_examples):
     cache = {}
 
