@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +20,7 @@ from urllib.parse import unquote, urlparse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ib_edge.runtime.errors import InputError
-from ib_edge.runtime.preprocess import MAX_IMAGE_PIXELS, load_image, to_rgb
+from ib_edge.runtime.preprocess import load_image
 
 from .engine import GenParams, check_params
 
@@ -177,30 +176,15 @@ def data_url_bytes(url: str) -> bytes:
 
 
 def decode_image(data: bytes):
-    """Image bytes -> RGB PIL image, the checks ``preprocess.load_image`` makes on a file."""
-    from PIL import Image, UnidentifiedImageError
-
+    """Image bytes -> RGB PIL image, exactly as ``ib-run`` and the Python API decode encoded
+    bytes (``preprocess.load_image``: size checked before decoding, EXIF orientation applied as
+    transformers does for a file)."""
     if not data:
         raise RequestError("image data is empty", param="image_url")
     try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise RequestError(f"image too large: {e}", param="image_url", hint="downscale it first") from None
-    except UnidentifiedImageError:
-        raise RequestError("not an image (unrecognised format)", param="image_url") from None
-    except OSError as e:
-        raise RequestError(f"cannot read image: {e}", param="image_url") from None
-    w, h = img.size
-    if w * h > MAX_IMAGE_PIXELS:
-        raise RequestError(f"image too large: {w}x{h} = {w * h / 1e6:.0f} MP (limit {MAX_IMAGE_PIXELS / 1e6:.0f} MP)",
-                           param="image_url", hint="downscale it first")
-    try:
-        img.load()  # decode now, so truncation shows here
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise RequestError(f"cannot decode image: {e}", param="image_url") from None
-    if img.width < 1 or img.height < 1:
-        raise RequestError("image is empty (0 pixels)", param="image_url")
-    return to_rgb(img)
+        return load_image(bytes(data))
+    except InputError as e:
+        raise RequestError(e.line(), param="image_url") from None
 
 
 def load_allowed_file(url: str, allow_files: Path | None, max_bytes: int):
