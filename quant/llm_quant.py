@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from ib_edge.runtime.errors import IbEdgeError
+from ib_edge.runtime.formats import DEFAULT_GROUP_SIZE
+from ib_edge.runtime.llm import splice_image
 
 METHODS = ("gptq", "awq")
 GPTQMODEL_VERSION = "7.6.0"
@@ -85,8 +87,6 @@ def _examples_hash(examples) -> str:
 
 def _install_embeds_hook(gmodel, examples, image_token_id: int) -> dict:
     """Replace gptqmodel's layer-0 input capture forward with one that feeds inputs_embeds."""
-    import torch
-
     queues: dict[tuple, list] = defaultdict(list)
     for e in examples:
         queues[tuple(e.input_ids.tolist())].append(e.query_embeds)
@@ -105,15 +105,14 @@ def _install_embeds_hook(gmodel, examples, image_token_id: int) -> dict:
         seen["calls"] += 1
         emb = model.get_input_embeddings()(ids)
         if q is not None:
-            mask = (ids == image_token_id).unsqueeze(-1)
-            emb = emb.masked_scatter(mask, torch.from_numpy(q).to(emb.dtype))
+            emb = splice_image(emb, ids, q, image_token_id)
         return model(inputs_embeds=emb, attention_mask=example.get("attention_mask"), use_cache=use_cache)
 
     gmodel.run_input_capture = run_input_capture
     return seen
 
 
-def quantize_llm(llm_dir, out_dir, examples, *, method: str = "gptq", bits: int = 4, group_size: int = 64,
+def quantize_llm(llm_dir, out_dir, examples, *, method: str = "gptq", bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE,
                  image_token_id: int, tokenizer_dir=None, sym: bool = False,
                  calib_record: dict | None = None) -> dict:
     """Quantize the transformers LLM in ``llm_dir`` with gptqmodel and save a standard HF

@@ -76,7 +76,7 @@ class Pipeline:
     def llm(self):
         if self._llm is None:  # torch/transformers load only when text is generated
             if self.manifest.artifact("llm").get("backend") == "fastllm":
-                from .fastllm import FastLLM
+                from .llm import FastLLM
 
                 self._llm = FastLLM(self.manifest, self._threads, self.llm_engine)
             else:
@@ -110,12 +110,13 @@ class Pipeline:
         t3 = time.perf_counter()
         llm = self.llm
         t4 = time.perf_counter()
-        ids = llm.generate(q, enc["input_ids"], enc["attention_mask"], decode=self.prompts.decode,
+        gen = llm.generate(q, enc["input_ids"], enc["attention_mask"], decode=self.prompts.decode,
                            max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature,
                            top_p=top_p, seed=seed, on_text=on_text)
         t5 = time.perf_counter()
+        ids = gen.token_ids
         t = {"preprocess": (t1 - t0) * 1e3, "vision": (t2 - t1) * 1e3, "qformer": (t3 - t2) * 1e3,
-             "llm_prefill": llm.timings["prefill"], "llm_decode": llm.timings["decode"],
+             "llm_prefill": gen.timings_ms["prefill"], "llm_decode": gen.timings_ms["decode"],
              "total": (t5 - t0 - (t4 - t3)) * 1e3}
         return Result(self.prompts.decode(ids), ids, t)
 
