@@ -73,7 +73,7 @@ def _triple(text: str, flag: str) -> tuple[int, int, int]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _silence_libraries()
-    from ib_edge.runtime.errors import IbEdgeError
+    from ib_edge.runtime.errors import IbEdgeError, cli_failure
     from ib_edge.runtime.pipeline import default_bundle_dir
 
     try:
@@ -99,18 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             bundle_arg = "" if args.out is None else f" --bundle {path}"
             print(f"try: ib-run{bundle_arg} IMAGE \"Describe this image.\"", file=sys.stderr)
         return 0
-    except IbEdgeError as e:
-        print(f"ib-export: error: {e.line()}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("ib-export: interrupted; no bundle was written", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if os.environ.get("IB_EDGE_DEBUG"):
-            raise
-        print(f"ib-export: internal error: {type(e).__name__}: {e} (set IB_EDGE_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return 4
+    except BaseException as e:
+        return cli_failure("ib-export", e, interrupted="interrupted; no bundle was written")
 
 
 if __name__ == "__main__":
