@@ -46,6 +46,18 @@ def _label(s: dict) -> str:
     return s["name"]
 
 
+def _bandwidth_cell(bw: dict) -> str:
+    probes = bw.get("probes") or {}
+    if probes:
+        parts = ", ".join(f"{k} {v['gb_per_s']:.1f}" for k, v in probes.items())
+        cell = f"probes (GB/s, {bw['array_mb']} MB, {bw.get('threads', '?')} threads): {parts}"
+    else:
+        cell = f"{bw['gb_per_s']:.1f} GB/s read ({bw['method']}, {bw['array_mb']} MB)"
+    if bw.get("bound_gb_per_s") is not None:
+        cell += f"; decode bound {bw['bound_gb_per_s']:.1f} GB/s, set by {bw['bound_set_by']}"
+    return cell
+
+
 def render_markdown(result: dict) -> str:
     hw, bw, ev, li = result["hardware"], result["bandwidth"], result["eval"], result["latency_input"]
     syss = systems(result)
@@ -70,12 +82,12 @@ def render_markdown(result: dict) -> str:
         ["GPU", gpu.get("name", "none") + ("" if gpu.get("available") else f" (not used: {gpu.get('reason')})")],
         ["software", ", ".join(f"{k} {v}" for k, v in sw.items() if v)],
         ["ONNX Runtime providers", ", ".join(hw["onnxruntime_providers"])],
-        ["memory bandwidth", f"{bw['gb_per_s']:.1f} GB/s read ({bw['method']}, {bw['array_mb']} MB, "
-                             f"{bw.get('threads', '?')} threads)"
-         + (f"; {bw['copy_gb_per_s']:.1f} GB/s {bw['copy_method']}" if "copy_gb_per_s" in bw else "")],
+        ["memory bandwidth", _bandwidth_cell(bw)],
     ])
-    L += ["Read bandwidth is what streaming reads achieve here with the LLM's thread count; decode of a large LLM "
-          "cannot beat read bandwidth / bytes of weights per token (see Decode).", ""]
+    L += ["The decode bound is the best streaming rate measured in this run: the probes above and every "
+          "system's own effective rate (LLM weight bytes per token x decode tokens/s), so no system exceeds "
+          "100%; the row says which set it. Decode of a large LLM cannot beat bound / bytes of weights per "
+          "token (see Decode).", ""]
     load = (hw.get("load_average") or [0])[0]
     if load > 0.5 * (hw.get("cpus_usable") or 1):
         L += [f"**Warning: the machine was busy at the start (load {load:.1f} on {hw['cpus_usable']} cores).** "
@@ -122,7 +134,8 @@ def render_markdown(result: dict) -> str:
                  "bound tokens/s", "% of bound"], rows)
     L += ["- LLM engine: ort / torch for the fast 4-bit path (ib-run --llm-engine), transformers otherwise.",
           "- tokens/s = (new tokens − 1) / llm_decode time; the first token belongs to prefill.",
-          "- bound = memory bandwidth / LLM weight bytes per token (all weights but the input embedding).",
+          "- bound = the run's best streaming rate (see Machine: probes and every system's effective rate) / "
+          "LLM weight bytes per token (all weights but the input embedding).",
           "- % of bound near 100 means decode is limited by memory; a tiny LLM that fits in cache is "
           "limited by per-token overhead instead, and the percentage says little.", ""]
 

@@ -1,0 +1,54 @@
+"""Small ib-bench checks on hand-made inputs (issue 15): the decode bound is the best streaming
+rate of the run, the labels name the LLM precision of a 4-bit-LLM bundle."""
+from __future__ import annotations
+
+import pytest
+
+from ib_edge.bench import measure, report
+from ib_edge.bench.bench import apply_bound
+
+
+def _rec(name, per_token_bytes, tok_s):
+    return {"name": name, "decode_tokens_per_s": {"p50": tok_s},
+            "bandwidth_bound": {"weights_bytes_per_token": per_token_bytes, "note": "n"}}
+
+
+def test_streaming_bound_takes_a_system_rate_above_the_probes():
+    gb, by = measure.streaming_bound({"torch.sum": 21.6, "fp32 GEMV": 18.0}, {"fp32": 25.0, "nf4": None})
+    assert gb == 25.0 and by == "fp32 (its own effective rate)"
+    gb, by = measure.streaming_bound({"torch.sum": 21.6, "fp32 GEMV": 30.5}, {"fp32": 25.0})
+    assert gb == 30.5 and by == "probe fp32 GEMV"
+    with pytest.raises(ValueError):
+        measure.streaming_bound({}, {"x": None})
+
+
+def test_apply_bound_no_system_above_100_percent():
+    # probes read at most 21.6 GB/s; the fp32 system streams 100 MB x 250 tok/s = 25 GB/s
+    bw = {"gb_per_s": 21.6, "probes": {"torch.sum": {"gb_per_s": 21.6}, "torch copy": {"gb_per_s": 15.0},
+                                       "fp32 GEMV": {"gb_per_s": 19.0}, "numpy copy": {"gb_per_s": 12.0}}}
+    fast = _rec("b-fp32", 100_000_000, 250.0)
+    slow = _rec("b-int4", 25_000_000, 500.0)       # 12.5 GB/s: half the bound
+    gone = {"name": "gpu", "decode_tokens_per_s": {"p50": 9.0}, "bandwidth_bound": {"measured": False, "reason": "r"}}
+    apply_bound(bw, [fast, slow, gone])
+    assert bw["bound_gb_per_s"] == 25.0 and bw["bound_set_by"] == "b-fp32 (its own effective rate)"
+    assert fast["bandwidth_bound"]["percent_of_bound"] == 100.0
+    assert fast["bandwidth_bound"]["bound_tokens_per_s"] == 250.0
+    assert slow["bandwidth_bound"]["percent_of_bound"] == 50.0
+    assert slow["bandwidth_bound"]["bound_set_by"] == "b-fp32 (its own effective rate)"
+    assert gone["bandwidth_bound"] == {"measured": False, "reason": "r"}
+    cell = report._bandwidth_cell({**bw, "array_mb": 32, "threads": 2})
+    assert "set by b-fp32 (its own effective rate)" in cell and "torch.sum 21.6" in cell
+
+
+def test_apply_bound_probe_wins_when_systems_are_slower():
+    bw = {"gb_per_s": 30.0, "probes": {"torch.sum": {"gb_per_s": 21.0}, "fp32 GEMV": {"gb_per_s": 30.0}}}
+    r = _rec("b", 10**8, 150.0)  # 15 GB/s
+    apply_bound(bw, [r])
+    assert bw["bound_set_by"] == "probe fp32 GEMV" and r["bandwidth_bound"]["percent_of_bound"] == 50.0
+
+
+def test_memory_bandwidth_lists_every_probe():
+    bw = measure.memory_bandwidth(size_mb=8, repeats=1, threads=1)
+    assert set(bw["probes"]) == {"torch.sum", "torch copy", "numpy copy", "fp32 GEMV"}
+    assert bw["gb_per_s"] == max(p["gb_per_s"] for p in bw["probes"].values()) > 0
+    assert bw["probes"][bw["set_by"]]["gb_per_s"] == bw["gb_per_s"]
