@@ -39,10 +39,24 @@ def _pct(v) -> str:
     return _f(None if v is None else 100 * v, "{:.1f}%")
 
 
+FLOAT_NAMES = ("fp32", "float32", "fp16", "float16", "bf16", "bfloat16")
+
+
+def precision_label(s: dict) -> str:
+    """A bundle's precision as tables and plots show it: the manifest's (vision + Q-Former)
+    precision, and the LLM's where it differs and is not a float format, e.g. "int8 + int4 LLM"."""
+    prec = s.get("precision")
+    llm = (s.get("stages") or {}).get("llm") or {}
+    lp = llm.get("precision")
+    if lp and lp != prec and lp not in FLOAT_NAMES:
+        return f"{prec} + {lp} LLM"
+    return str(prec)
+
+
 def _label(s: dict) -> str:
     if s.get("kind") == "bundle":
         ref = " (reference)" if s.get("is_reference") else ""
-        return f"{s['name']} [{s.get('precision')}]{ref}"
+        return f"{s['name']} [{precision_label(s)}]{ref}"
     return s["name"]
 
 

@@ -52,3 +52,52 @@ def test_memory_bandwidth_lists_every_probe():
     assert set(bw["probes"]) == {"torch.sum", "torch copy", "numpy copy", "fp32 GEMV"}
     assert bw["gb_per_s"] == max(p["gb_per_s"] for p in bw["probes"].values()) > 0
     assert bw["probes"][bw["set_by"]]["gb_per_s"] == bw["gb_per_s"]
+
+
+@pytest.mark.parametrize("bundle, label", [
+    ({"precision": "int8", "stages": {"vision": {"precision": "int8"}, "llm": {"precision": "int4"}}},
+     "b [int8 + int4 LLM]"),
+    ({"precision": "fp32", "stages": {"llm": {"precision": "int4"}}}, "b [fp32 + int4 LLM]"),
+    ({"precision": "int8", "stages": {"llm": {"precision": "float32"}}}, "b [int8]"),
+    ({"precision": "fp32", "stages": {"llm": {"precision": "float32"}}, "is_reference": True}, "b [fp32] (reference)"),
+    ({"precision": "int8", "stages": {"llm": {"precision": "mixed"}}}, "b [int8 + mixed LLM]"),
+])
+def test_label_names_the_llm_precision(bundle, label):
+    assert report._label({"name": "b", "kind": "bundle", **bundle}) == label
+
+
+def test_report_tables_and_plots_use_the_llm_label(tmp_path):
+    """A hand-made two-system result through render_markdown and plot."""
+    def sysrec(name, prec, llm_prec):
+        lat = {k: {"p50": 1.0, "p90": 1.0, "p99": 1.0} for k in report.LATENCY_COLUMNS}
+        return {"name": name, "kind": "bundle", "precision": prec, "is_reference": prec == "fp32",
+                "stages": {"llm": {"precision": llm_prec}}, "latency_ms": lat, "providers": {"llm": "ort"},
+                "decode_tokens_per_s": {"p50": 10.0, "p90": 9.0}, "new_tokens": {"p50": 6},
+                "bandwidth_bound": {"weights_bytes_per_token": 2**20, "bound_tokens_per_s": 20.0, "percent_of_bound": 50.0},
+                "memory": {"peak_rss_mb": 100.0, "peak_added_mb": 10.0, "gpu": {"measured": False}},
+                "sizes": {}, "load_ms": 1.0, "drift": {"measured": False, "reason": "x"},
+                "agreement": {"measured": False, "reason": "x"},
+                "accuracy": {"applicable": True, "overall": {"accuracy": 0.5, "correct": 1, "n": 2}, "by_type": {}}}
+    result = {"hardware": {"gpu": {"available": False, "reason": "none"}, "software": {}, "cpu_model": "c",
+                           "cpus_usable": 2, "cpu_count": 2, "torch_threads": 2, "memory_total_mb": 1.0,
+                           "onnxruntime_providers": ["CPUExecutionProvider"], "load_average": [0.0]},
+              "bandwidth": {"gb_per_s": 20.0, "array_mb": 8, "method": "m"}, "mode": "bundles", "created": "now",
+              "eval": {"n": 2, "types": {}, "seed": 1}, "latency_input": {"runs": 1, "warmup": 0, "question": "q",
+                                                                         "image": "i", "max_new_tokens": 6},
+              "reference": {"name": "a", "why": "w"}, "baselines": {},
+              "bundles": [sysrec("a", "fp32", "float32"), sysrec("q", "int8", "int4")]}
+    md = report.render_markdown(result)
+    assert "q [int8 + int4 LLM]" in md and "q [int8] " not in md and "q [int8]|" not in md
+    from matplotlib.axes import Axes
+    seen = []
+    orig = Axes.barh
+
+    def spy(self, labels, *a, **k):
+        seen.extend(labels)
+        return orig(self, labels, *a, **k)
+    Axes.barh = spy
+    try:
+        report.plot(result, tmp_path)
+    finally:
+        Axes.barh = orig
+    assert "q [int8 + int4 LLM]" in seen
