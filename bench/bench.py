@@ -106,16 +106,21 @@ def _decode_rate(t: dict) -> float | None:
 
 
 def time_runs(system, example: dict, cfg: BenchConfig, tick) -> dict:
+    """Latency over ``cfg.runs`` runs, each decoding exactly ``cfg.max_new_tokens`` (EOS
+    suppressed, for every system), so decode tokens/s is measured over the same token count
+    everywhere. Each run's ``other`` = total minus its stages (prompt splice, detokenising), so
+    the stages add up to the total run by run."""
     for _ in range(cfg.warmup):
-        system.run(example["image"], example["question"], cfg.max_new_tokens)
+        system.run(example["image"], example["question"], cfg.max_new_tokens, fixed_length=True)
         tick()
     timer = measure.Timer()
     rates, tokens = [], []
     for _ in range(cfg.runs):
-        t = system.run(example["image"], example["question"], cfg.max_new_tokens).timings_ms
+        t = system.run(example["image"], example["question"], cfg.max_new_tokens, fixed_length=True).timings_ms
         for stage in STAGES:
             timer.add(stage, t[stage])
         timer.add("ttft", t["preprocess"] + t["vision"] + t["qformer"] + t["llm_prefill"])
+        timer.add("other", t["total"] - sum(t[k] for k in STAGES if k != "total"))
         rates.append(_decode_rate(t))
         tokens.append(t["new_tokens"])
         tick()

@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-LATENCY_COLUMNS = ("preprocess", "vision", "qformer", "llm_prefill", "ttft", "llm_decode", "total")
+LATENCY_COLUMNS = ("preprocess", "vision", "qformer", "llm_prefill", "ttft", "llm_decode", "other", "total")
 STACK = ("preprocess", "vision", "qformer", "llm_prefill", "llm_decode")
 PLOTS = ("latency_stages.png", "accuracy_vs_latency.png")
 
@@ -117,7 +117,8 @@ def render_markdown(result: dict) -> str:
           + (f"generated, seed {ev['seed']} (`{ev.get('regenerate')}`)." if ev.get("seed") is not None
              else f"{ev['source']} (sha256 {ev['sha256'][:12]})."),
           f"- Latency: {li['runs']} timed runs after {li['warmup']} warm-up runs on one input "
-          f"({li['question']!r}, {li['image']}), greedy, at most {li['max_new_tokens']} new tokens.", ""]
+          f"({li['question']!r}, {li['image']}), greedy, exactly {li['max_new_tokens']} new tokens (EOS suppressed); "
+          f"the accuracy pass stops at EOS as usual.", ""]
 
     L += ["## Latency per stage (ms, p50)", ""]
     rows = []
@@ -128,7 +129,9 @@ def render_markdown(result: dict) -> str:
     L += ["- p50 is the median of the timed runs; warm-up runs are excluded.",
           "- ttft = preprocess + vision + qformer + llm_prefill: image and prompt in, first token out.",
           "- llm_prefill is the LLM's own time to the first token; llm_decode is every later token.",
-          "- total is end to end (model loading excluded).", ""]
+          "- total is end to end (model loading excluded); other = total − the stages in the same run (prompt "
+          "splice, detokenising), so each run's stages add up to its total (medians of parts need not add up exactly).",
+          "- every timed run decodes exactly the maximum new tokens (EOS suppressed, ours and the baselines alike).", ""]
     L += ["## Latency spread (ms, p90 / p99)", ""]
     rows = [[_label(s)] + [f"{_f(s['latency_ms'].get(c, {}).get('p90'))} / {_f(s['latency_ms'].get(c, {}).get('p99'))}"
                            for c in ("vision", "qformer", "ttft", "total")] for s in syss]

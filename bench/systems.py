@@ -1,5 +1,6 @@
-"""The things the benchmark times, behind one interface: ``run(image, question, max_new_tokens)
--> Answer`` with per-stage milliseconds named as the runtime names them.
+"""The things the benchmark times, behind one interface: ``run(image, question, max_new_tokens,
+fixed_length=False) -> Answer`` with per-stage milliseconds named as the runtime names them;
+``fixed_length`` suppresses EOS so that every system decodes exactly ``max_new_tokens``.
 
 * ``BundleSystem``: an ib-edge bundle through ``ib_edge.runtime.Pipeline`` (the product path).
 * ``TransformersSystem``: ``InstructBlipForConditionalGeneration.generate`` on the bundle's
@@ -42,8 +43,10 @@ class BundleSystem:
         _ = self.pipe.llm  # load the LLM now: its load is not part of the first run
         self.manifest = self.pipe.manifest
 
-    def run(self, image, question: str, max_new_tokens: int) -> Answer:
-        res = self.pipe.run(image, question, max_new_tokens=max_new_tokens)
+    def run(self, image, question: str, max_new_tokens: int, fixed_length: bool = False) -> Answer:
+        """``fixed_length``: EOS suppressed, so exactly ``max_new_tokens`` are generated (timing)."""
+        res = self.pipe.run(image, question, max_new_tokens=max_new_tokens,
+                            min_new_tokens=max_new_tokens if fixed_length else 0)
         t = dict(res.timings_ms)
         # encoder-decoder output starts with the decoder start token, which is not generated
         t["new_tokens"] = float(len(res.token_ids) - (1 if self.pipe.llm.is_encoder_decoder else 0))
@@ -155,7 +158,7 @@ class TransformersSystem:
             self._sync()
             self._marks[name] = time.perf_counter()
 
-    def run(self, image, question: str, max_new_tokens: int) -> Answer:
+    def run(self, image, question: str, max_new_tokens: int, fixed_length: bool = False) -> Answer:
         import torch
 
         t0 = time.perf_counter()
@@ -168,7 +171,7 @@ class TransformersSystem:
         streamer = _FirstToken(self._sync)
         with torch.no_grad():
             out = self.model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                      streamer=streamer)
+                                      min_new_tokens=max_new_tokens if fixed_length else None, streamer=streamer)
         self._sync()
         t2 = time.perf_counter()
         if not self.is_encoder_decoder:

@@ -93,9 +93,12 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 
 @torch.no_grad()
 def generate(model: DecoderEngine, inputs_embeds: torch.Tensor, *, max_new_tokens: int, eos_ids=(),
-             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, on_token=None) -> list[int]:
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, on_token=None,
+             min_new_tokens: int = 0) -> list[int]:
     """Prefill on inputs_embeds [1, T, D], then decode one token per forward call; stops after
-    an EOS id (included, as transformers does) or max_new_tokens."""
+    an EOS id (included, as transformers does) or max_new_tokens. As transformers'
+    ``min_new_tokens``, the EOS ids cannot be chosen before ``min_new_tokens`` tokens (the
+    benchmark forces every answer to its full length this way)."""
     if inputs_embeds.shape[0] != 1:
         raise InputError("the fast LLM runtime generates for batch size 1")
     t = inputs_embeds.shape[1]
@@ -107,7 +110,10 @@ def generate(model: DecoderEngine, inputs_embeds: torch.Tensor, *, max_new_token
     logits = model(inputs_embeds.float(), 0)[0]
     out: list[int] = []
     pos = t
+    suppress = torch.tensor(sorted(eos), dtype=torch.long) if eos and min_new_tokens > 0 else None
     while True:
+        if suppress is not None and len(out) < min_new_tokens:
+            logits = logits.index_fill(-1, suppress, float("-inf"))
         tok = sample(logits, temperature, top_p, gen)
         out.append(tok)
         if on_token is not None:

@@ -37,7 +37,7 @@ class LLMStage(Protocol):
     def generate(self, query_embeds: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, *,
                  decode: Callable[[list[int]], str], max_new_tokens: int = 32, num_beams: int = 1,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 on_text: Callable[[str], None] | None = None) -> Generation: ...
+                 on_text: Callable[[str], None] | None = None, min_new_tokens: int = 0) -> Generation: ...
 
     def next_token_logits(self, query_embeds: np.ndarray, input_ids: np.ndarray,
                           attention_mask: np.ndarray) -> np.ndarray: ...
@@ -139,7 +139,7 @@ class TransformersLLM:
 
     def generate(self, query_embeds: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, *,
                  decode, max_new_tokens: int = 32, num_beams: int = 1, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, on_text=None) -> Generation:
+                 top_p: float = 1.0, seed: int | None = None, on_text=None, min_new_tokens: int = 0) -> Generation:
         import torch
 
         sample = check_generate_args(max_new_tokens, num_beams, temperature, top_p)
@@ -148,6 +148,8 @@ class TransformersLLM:
             embeds = splice_image(self.model.get_input_embeddings()(ids), ids, query_embeds, self.image_token_id)
             kwargs = dict(inputs_embeds=embeds, attention_mask=torch.from_numpy(attention_mask),
                           max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=sample)
+            if min_new_tokens:
+                kwargs["min_new_tokens"] = min_new_tokens
             if sample:
                 kwargs.update(temperature=temperature if temperature > 0 else 1.0, top_p=top_p, top_k=0)
                 if seed is not None:
@@ -222,7 +224,7 @@ class FastLLM:
 
     def generate(self, query_embeds, input_ids, attention_mask, *, decode, max_new_tokens: int = 32,
                  num_beams: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 on_text=None) -> Generation:
+                 on_text=None, min_new_tokens: int = 0) -> Generation:
         import torch
 
         from . import decode as loop
@@ -233,6 +235,8 @@ class FastLLM:
         embeds = self.embeds(query_embeds, input_ids)
         first = []
         t0 = time.perf_counter()
+        if num_beams > 1 and min_new_tokens:
+            raise InputError("the fast LLM runtime's beam search takes no min_new_tokens")
         if num_beams > 1:  # as transformers: no streaming with beams, the text comes at the end
             with torch.no_grad():
                 ids = loop.beam_search(self.model, embeds, num_beams=num_beams, max_new_tokens=max_new_tokens,
@@ -253,7 +257,8 @@ class FastLLM:
 
             with torch.no_grad():
                 ids = loop.generate(self.model, embeds, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
-                                    temperature=temperature, top_p=top_p, seed=seed, on_token=on_token)
+                                    temperature=temperature, top_p=top_p, seed=seed, on_token=on_token,
+                                    min_new_tokens=min_new_tokens)
             t1 = time.perf_counter()
             streamer.end()
         return Generation(ids, _timings(t0, first[0], t1, len(ids)))

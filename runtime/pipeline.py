@@ -98,7 +98,9 @@ class Pipeline:
 
     # --- end to end -----------------------------------------------------------------------
     def run(self, image, prompt: str, *, max_new_tokens: int = 32, num_beams: int = 1,
-            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, on_text=None) -> Result:
+            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, on_text=None,
+            min_new_tokens: int = 0) -> Result:
+        """``min_new_tokens``: EOS suppressed before that many tokens (the benchmark's fixed length)."""
         t = {}
         t0 = time.perf_counter()
         enc = self.prompts.encode(prompt, max_new_tokens)
@@ -112,7 +114,7 @@ class Pipeline:
         t4 = time.perf_counter()
         gen = llm.generate(q, enc["input_ids"], enc["attention_mask"], decode=self.prompts.decode,
                            max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature,
-                           top_p=top_p, seed=seed, on_text=on_text)
+                           top_p=top_p, seed=seed, on_text=on_text, min_new_tokens=min_new_tokens)
         t5 = time.perf_counter()
         ids = gen.token_ids
         t = {"preprocess": (t1 - t0) * 1e3, "vision": (t2 - t1) * 1e3, "qformer": (t3 - t2) * 1e3,
