@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     from ib_edge.runtime.pipeline import default_bundle_dir
 
     try:
+        from .checkpoint import resolve
+
+        resolve(args.model)  # a bad name or path fails here, before torch and transformers are imported
         if args.opset < 18:
             raise IbEdgeError("--opset must be 18 or newer (the dynamo exporter's minimum; older breaks FP16 later)")
         from .bundle import export_bundle
