@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .checkpoint import resolve
 
-        resolve(args.model)  # a bad name or path fails here, before torch and transformers are imported
+        _, kind = resolve(args.model)  # a bad name or path fails here, before torch and transformers are imported
         if args.opset < 18:
             raise IbEdgeError("--opset must be 18 or newer (the dynamo exporter's minimum; older breaks FP16 later)")
         from .bundle import export_bundle
@@ -100,7 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             print(path)
         else:
             bundle_arg = "" if args.out is None else f" --bundle {path}"
-            print(f"try: ib-run{bundle_arg} IMAGE \"Describe this image.\"", file=sys.stderr)
+            note = ""
+            if kind == "proof":
+                note = ("; note: the embedded proof model only knows the synthetic shapes task (python -m "
+                        "ib_edge.bench.proof_task makes images); for real photos export a real checkpoint: "
+                        "ib-export Salesforce/instructblip-flan-t5-xl --out DIR (or a local checkpoint directory)")
+            print(f"try: ib-run{bundle_arg} IMAGE \"Describe this image.\"{note}", file=sys.stderr)
         return 0
     except BaseException as e:
         return cli_failure("ib-export", e, interrupted="interrupted; no bundle was written")
