@@ -242,14 +242,20 @@ def write_eval_set(out_dir, n: int, seed: int) -> Path:
 
 
 def read_eval_set(path) -> list[dict]:
-    """Rows of an eval jsonl with ``image`` resolved to an absolute path (str)."""
+    """Rows of an eval jsonl with ``image`` resolved to an absolute path (str). A malformed
+    line raises ValueError naming the file's line number."""
     path = Path(path)
     rows = []
     with open(path) as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:  # its own position is within the line: name the file's line
+                raise ValueError(f"line {lineno}: {e.msg} (column {e.colno})") from None
+            if not isinstance(row, dict) or "image" not in row:
+                raise ValueError(f"line {lineno}: not a JSON object with an \"image\" field")
             img = Path(row["image"])
             if not img.is_absolute():
                 img = path.parent / img

@@ -21,6 +21,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -167,9 +168,18 @@ def quantize_llm(llm_dir, out_dir, examples, *, method: str = "gptq", bits: int 
                                 "through the inputs_embeds hook", hint=f"use gptqmodel {GPTQMODEL_VERSION}")
         gm.save(str(out))
     _fix_format_field(out)
+    keep_generation_config(llm_dir, out)
     return {"method": method, "bits": bits, "group_size": group_size, "sym": sym, "desc_act": False,
             "tool": f"gptqmodel {version}", "examples_sha256": _examples_hash(examples),
             "calibration": calib_record or {}}
+
+
+def keep_generation_config(src_dir, out_dir) -> None:
+    """The quantized checkpoint generates as its source did: gptqmodel's save writes its own
+    generation_config.json (``do_sample: true`` seen on a greedy source); the source's replaces it."""
+    src = Path(src_dir) / "generation_config.json"
+    if src.is_file():
+        shutil.copyfile(src, Path(out_dir) / "generation_config.json")
 
 
 def _fix_format_field(out: Path) -> None:

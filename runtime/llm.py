@@ -157,16 +157,25 @@ class TransformersLLM:
             if not self.is_encoder_decoder:
                 kwargs["input_ids"] = ids
             streamer = _Streamer(decode, on_text) if num_beams == 1 else None
+            first_forward: list[float] = []  # beams do not stream: the end of the first forward is the prefill's
             if streamer is not None:
                 kwargs["streamer"] = streamer
+                hook = None
+            else:
+                hook = self.model.register_forward_hook(
+                    lambda mod, args, out: first_forward.append(time.perf_counter()) if not first_forward else None)
             t0 = time.perf_counter()
-            out = self.model.generate(**kwargs)
+            try:
+                out = self.model.generate(**kwargs)
+            finally:
+                if hook is not None:
+                    hook.remove()
             t1 = time.perf_counter()
         new = out[0, ids.shape[1]:] if not self.is_encoder_decoder else out[0]
         new_ids = [int(t) for t in new.tolist()]
         if streamer is None and on_text is not None:
             on_text(decode(new_ids))
-        first = streamer.first_token_at if streamer and streamer.first_token_at else t1
+        first = (streamer.first_token_at if streamer is not None else (first_forward or [None])[0]) or t1
         return Generation(new_ids, _timings(t0, first, t1, len(new_ids)))
 
     def next_token_logits(self, query_embeds: np.ndarray, input_ids: np.ndarray,

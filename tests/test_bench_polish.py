@@ -101,3 +101,23 @@ def test_report_tables_and_plots_use_the_llm_label(tmp_path):
     finally:
         Axes.barh = orig
     assert "q [int8 + int4 LLM]" in seen
+
+
+def test_eval_file_json_error_names_the_files_line(tmp_path):
+    from ib_edge.bench.bench import BenchConfig, BenchError, load_examples
+
+    p = tmp_path / "eval.jsonl"
+    p.write_text('{"image": "a.png", "question": "q", "answer": "a"}\n\n{"image": "b.png", "question": \n')
+    with pytest.raises(BenchError, match=r"line 3: Expecting value \(column 32\)"):
+        load_examples(BenchConfig(eval_file=str(p)))
+
+
+def test_gptq_checkpoint_keeps_the_sources_generation_config(tmp_path):
+    from ib_edge.quant.llm_quant import keep_generation_config
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir(), out.mkdir()
+    (src / "generation_config.json").write_text('{"do_sample": false, "num_beams": 1}')
+    (out / "generation_config.json").write_text('{"do_sample": true}')  # as gptqmodel's save wrote it
+    keep_generation_config(src, out)
+    assert (out / "generation_config.json").read_text() == '{"do_sample": false, "num_beams": 1}'

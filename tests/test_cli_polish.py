@@ -101,3 +101,13 @@ def test_export_closing_line_notes_the_proof_model(model, noted, tmp_path, monke
     assert cli.main([ref, "--out", str(tmp_path / "b")]) == 0
     err = capsys.readouterr().err
     assert err.startswith("try: ib-run --bundle") and (NOTE in err) == noted
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_beam_search_splits_prefill_and_decode(bundle_dir, image, family):
+    from ib_edge.runtime import Pipeline
+
+    pipe = Pipeline.load(bundle_dir(family), threads=1)
+    res = pipe.run(Image.open(image), "What color is the square?", max_new_tokens=5, num_beams=3, min_new_tokens=5)
+    t = res.timings_ms
+    assert t["llm_prefill"] > 0 and t["llm_decode"] > 0, t
