@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from ib_edge.runtime.errors import IbEdgeError
+    from ib_edge.runtime.errors import cli_failure
 
     from . import report
     from .bench import BenchError
@@ -170,18 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         if temp:
             saved.unlink(missing_ok=True)
         return 0
-    except IbEdgeError as e:
-        print(f"ib-bench: error: {e.line()}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("ib-bench: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if os.environ.get("IB_EDGE_DEBUG"):
-            raise
-        print(f"ib-bench: internal error: {type(e).__name__}: {e} (set IB_EDGE_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return 4
+    except BaseException as e:
+        return cli_failure("ib-bench", e)
 
 
 if __name__ == "__main__":

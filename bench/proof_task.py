@@ -255,7 +255,7 @@ def read_eval_set(path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"line {n}: not JSON ({e.msg} at column {e.colno})") from None
+                raise ValueError(f"line {n}: {e.msg} (column {e.colno})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"line {n}: a row must be a JSON object, not {type(row).__name__}")
             missing = [k for k in ("image", "question", "answer") if k not in row]

@@ -29,11 +29,10 @@ from typing import Callable
 
 from ib_edge.quant import trt_int8
 from ib_edge.runtime.errors import IbEdgeError
-from ib_edge.runtime.stages import ort_provider_options  # noqa: F401  (re-exported)
+from ib_edge.runtime.stages import PRECISIONS, ort_provider_options  # noqa: F401  (re-exported)
 from ib_edge.runtime.tensorrt_stage import (  # noqa: F401  (re-exported: the export side records them)
     IDENTITY_FIELDS, engine_mismatches, parse_l4t_release, platform_identity)
 
-PRECISIONS = ("fp32", "fp16", "int8")
 # 1 GiB: the largest scratch a ViT-g/Q-Former layer tactic is allowed. Jetson Orin shares its
 # 8-64 GB between CPU and GPU, and the LLM must fit beside the engines at run time; TensorRT
 # skips tactics that need more than this rather than failing, so a small pool costs a little

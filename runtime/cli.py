@@ -18,6 +18,11 @@ import os
 import sys
 
 EXIT_INPUT, EXIT_BUNDLE, EXIT_INTERNAL = 2, 3, 4
+PROOF_NOTE = ("ib-run: note: this bundle holds the embedded proof model, which only knows the synthetic shapes "
+              "task (coloured circles, squares and triangles: colour, shape, count, side); for real photos export "
+              "a real checkpoint: ib-export Salesforce/instructblip-flan-t5-xl --out DIR (or a local "
+              "checkpoint directory), then ib-run --bundle DIR")
+ORT_PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,22 +31,51 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("prompt", nargs="+", help="the question or instruction; several are answered in turn, "
                                              "from one load and one vision-encoder pass")
     ap.add_argument("--bundle", help="bundle directory (default: where ib-export writes without --out)")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--num-beams", type=int, default=1)
+    ap.add_argument("--max-new-tokens", type=int, default=32,
+                    help="stop after this many generated tokens (1-4096; default 32); an end-of-sequence token "
+                         "stops earlier")
+    ap.add_argument("--num-beams", type=int, default=1,
+                    help="beam search with this many beams (1-16; default 1: greedy); the answer then comes at "
+                         "the end instead of streaming")
     ap.add_argument("--temperature", type=float, default=0.0, help="> 0 samples; 0 is greedy (default)")
     ap.add_argument("--top-p", type=float, default=1.0, help="< 1 samples from the nucleus")
     ap.add_argument("--seed", type=int, default=None, help="seed for sampling")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime and torch")
     ap.add_argument("--providers", default=None,
-                    help="ONNX Runtime providers in order of preference: tensorrt,cuda,cpu (default cpu); "
+                    help="ONNX Runtime providers in order of preference: tensorrt,cuda,cpu (default cpu); ones "
+                         "this ONNX Runtime lacks are skipped with a note, and none available is an error; "
                          "for ONNX bundles, a TensorRT-engine bundle ignores it")
     ap.add_argument("--llm-engine", default=None, metavar="ort|torch",
                     help="engine of the fast 4-bit/fp32 Llama path: ort (the whole decoder step as one ONNX "
                          "Runtime graph, MatMulNBits) or torch (our torch forward, torch's int4 kernel); default: "
-                         "ort where it can run the model (int4 layers), else torch; other bundles ignore it")
+                         "ort where it can run the model (int4 layers), else torch; refused on bundles whose LLM runs on "
+                         "transformers (T5, OPT, an fp32 export)")
     ap.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
     ap.add_argument("--json", action="store_true", help="print one JSON object: answer and timings_ms")
     return ap
+
+
+def _available_providers(text: str) -> list[str]:
+    """--providers in order of preference -> those this ONNX Runtime has, with one note on
+    stderr for the ones skipped; an unknown name or none available is an InputError."""
+    import onnxruntime as ort
+
+    from .errors import InputError
+
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    keys = [n.lower().replace("executionprovider", "") for n in names]
+    bad = [n for n, k in zip(names, keys) if k not in ORT_PROVIDERS]
+    if bad or not names:
+        raise InputError(f"--providers: {', '.join(bad) or repr(text)} is not tensorrt, cuda or cpu")
+    have = set(ort.get_available_providers())
+    kept = [n for n, k in zip(names, keys) if ORT_PROVIDERS[k] in have]
+    skipped = [n for n in names if n not in kept]
+    if not kept:
+        raise InputError(f"none of --providers {','.join(names)} is in this ONNX Runtime (it has "
+                         f"{', '.join(sorted(have))})", hint="install onnxruntime-gpu for cuda/tensorrt, or add cpu")
+    if skipped:
+        print(f"ib-run: note: this ONNX Runtime lacks {', '.join(skipped)}; using {','.join(kept)}", file=sys.stderr)
+    return kept
 
 
 def _quiet_libraries() -> None:
@@ -105,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("--temperature must be a finite number >= 0")
         if args.llm_engine is not None and args.llm_engine not in ("ort", "torch"):
             raise InputError(f"--llm-engine must be ort or torch, not {args.llm_engine!r}")
-        providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
+        providers = _available_providers(args.providers) if args.providers else None
         # Check the cheap things (image, prompt) before loading the models.
         from .preprocess import load_image
 
@@ -118,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             from .embed_cache import EmbedCache
 
             pipe.embed_cache = EmbedCache(max_mb=256)
+        llm_backend = pipe.manifest.artifact("llm").get("backend")
+        if args.llm_engine is not None and llm_backend != "fastllm":
+            raise InputError(f"--llm-engine {args.llm_engine} applies to the fast Llama path only; this bundle's "
+                             f"LLM runs on {llm_backend} ({pipe.manifest.model.get('llm_family', 'its family')}): "
+                             "drop the flag, or export with --llm-quant rtn|gptq|awq")
 
         def stream(text: str) -> None:
             sys.stdout.write(text)
@@ -133,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 sys.stdout.write("\n")
                 sys.stdout.flush()
+        if (pipe.manifest.data.get("source") or {}).get("kind") == "proof":
+            print(PROOF_NOTE, file=sys.stderr)
         return 0
     except InputError as e:
         print(f"ib-run: error: {e.line()}", file=sys.stderr)

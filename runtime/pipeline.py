@@ -89,7 +89,7 @@ class Pipeline:
                 self.manifest.check_listed(["llm"])
             self.manifest.refuse_code()
             if self.manifest.record("llm").backend == "fastllm":
-                from .fastllm import FastLLM
+                from .llm import FastLLM
 
                 self._llm = FastLLM(self.manifest, self._threads, self.llm_engine)
             else:
@@ -113,7 +113,9 @@ class Pipeline:
 
     # --- end to end -----------------------------------------------------------------------
     def run(self, image, prompt: str, *, max_new_tokens: int = 32, num_beams: int = 1,
-            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, on_text=None) -> Result:
+            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, on_text=None,
+            min_new_tokens: int = 0) -> Result:
+        """``min_new_tokens``: EOS suppressed before that many tokens (the benchmark's fixed length)."""
         t = {}
         t0 = time.perf_counter()
         enc = self.prompts.encode(prompt, max_new_tokens)
@@ -125,12 +127,13 @@ class Pipeline:
         t3 = time.perf_counter()
         llm = self.llm
         t4 = time.perf_counter()
-        ids = llm.generate(q, enc["input_ids"], enc["attention_mask"], decode=self.prompts.decode,
+        gen = llm.generate(q, enc["input_ids"], enc["attention_mask"], decode=self.prompts.decode,
                            max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature,
-                           top_p=top_p, seed=seed, on_text=on_text)
+                           top_p=top_p, seed=seed, on_text=on_text, min_new_tokens=min_new_tokens)
         t5 = time.perf_counter()
+        ids = gen.token_ids
         t = {"preprocess": (t1 - t0) * 1e3, "vision": (t2 - t1) * 1e3, "qformer": (t3 - t2) * 1e3,
-             "llm_prefill": llm.timings["prefill"], "llm_decode": llm.timings["decode"],
+             "llm_prefill": gen.timings_ms["prefill"], "llm_decode": gen.timings_ms["decode"],
              "total": (t5 - t0 - (t4 - t3)) * 1e3}
         return Result(self.prompts.decode(ids), ids, t)
 

@@ -203,4 +203,9 @@ class PromptEncoder:
         }
 
     def decode(self, ids) -> str:
-        return self.llm.decode(list(map(int, ids)), skip_special_tokens=True)
+        """The generated ids as answer text, without the one leading space a byte-level BPE
+        tokenizer (proof-llama, OPT) puts on the first answer token as its word boundary after
+        the prompt (transformers' decode keeps it: " yellow"); SentencePiece Llama/T5 tokenizers
+        drop it in their own decoder (a Strip step), so answers read the same on every family."""
+        text = self.llm.decode(list(map(int, ids)), skip_special_tokens=True)
+        return text[1:] if text.startswith(" ") else text

@@ -241,7 +241,7 @@ class Engine:
             self._finish(job, e)
             return
         t1 = time.perf_counter()
-        ids = [int(i) for i in ids]
+        ids = [int(i) for i in ids.token_ids]
         stopped = bool(ids) and ids[-1] in self.eos_ids
         finish = "stop" if stopped or len(ids) < p.max_new_tokens else "length"
         job.timings.update(llm=(t1 - t0) * 1e3, first_text=((first[0] if first else t1) - job.t_submit) * 1e3,

@@ -58,8 +58,10 @@ def test_refuses_to_replace_non_bundle(reference_dir, tmp_path):
     assert (tmp_path / "docs" / "keep.txt").read_text() == "precious"
 
 
-def test_resolve_model_refs(tmp_path):
-    assert checkpoint.resolve("Salesforce/instructblip-vicuna-7b") == ("Salesforce/instructblip-vicuna-7b", "hub")
+def test_resolve_model_refs(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline and not cached: refused at once (test_export_cli_checks)
+    with pytest.raises(checkpoint.ModelLoadError, match="not in the local hub cache"):
+        checkpoint.resolve("Salesforce/instructblip-vicuna-7b")
     with pytest.raises(checkpoint.ModelLoadError):
         checkpoint.resolve("no-such-model")
     (tmp_path / "empty").mkdir()
@@ -68,7 +70,7 @@ def test_resolve_model_refs(tmp_path):
 
 
 def test_cli_unknown_model_and_offline_hub(tmp_path):
-    for ref, needle in [("no-such-model", "unknown model"), ("Salesforce/instructblip-vicuna-7b", "cannot load")]:
+    for ref, needle in [("no-such-model", "unknown model"), ("Salesforce/instructblip-vicuna-7b", "not in the local hub cache")]:
         proc = subprocess.run([sys.executable, "-m", "ib_edge.export.cli", ref, "--out", str(tmp_path / "x")],
                               capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
                                                                                 "HF_HUB_OFFLINE": "1"})

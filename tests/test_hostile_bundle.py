@@ -151,20 +151,20 @@ def test_unlisted_safetensors_in_llm_dir_is_refused(rtn_bundle, image, tmp_path,
 
 
 def test_fast_loader_reads_only_the_files_it_is_given(rtn_bundle, tmp_path):
-    """fastllm.load with the manifest's list ignores a stray file; without a list (export-time
+    """engines.load with the manifest's list ignores a stray file; without a list (export-time
     use on a directory the exporter wrote) it would read it."""
     import torch
     from safetensors.torch import save_file
 
-    from ib_edge.runtime import fastllm
+    from ib_edge.runtime import engines
 
     d = _copy(rtn_bundle / "llm", tmp_path / "llm")
     listed = sorted(d.glob("*.safetensors"))
     hidden = json.loads((d / "config.json").read_text())["hidden_size"]
     save_file({"model.norm.weight": torch.zeros(hidden)}, str(d / "zz.safetensors"))
-    good = fastllm.load(d, "torch", files=listed)
+    good = engines.load(d, "torch", files=listed)
     assert float(good.norm.abs().sum()) > 0
-    globbed = fastllm.load(d, "torch")
+    globbed = engines.load(d, "torch")
     assert float(globbed.norm.abs().sum()) == 0  # what the manifest list protects against
 
 

@@ -14,13 +14,12 @@ of the model.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 
-from ib_edge.runtime.errors import BundleError, IbEdgeError, InputError
+from ib_edge.runtime.errors import IbEdgeError, InputError
 from ib_edge.runtime.manifest import Manifest
 
 from .spec import GENERATION_INPUTS, Generation
@@ -106,7 +105,7 @@ def make_llm(manifest: Manifest, threads: int | None = None, llm_engine: str | N
     """The LLM runner the manifest asks for: the same choice as ``Pipeline.llm`` (tested), without
     opening the vision and Q-Former sessions a Pipeline holds."""
     if manifest.artifact("llm").get("backend") == "fastllm":
-        from ib_edge.runtime.fastllm import FastLLM
+        from ib_edge.runtime.llm import FastLLM
 
         return FastLLM(manifest, threads, llm_engine)
     from ib_edge.runtime.llm import TransformersLLM
@@ -115,32 +114,13 @@ def make_llm(manifest: Manifest, threads: int | None = None, llm_engine: str | N
 
 
 def decode_image(data: bytes):
-    """Encoded image bytes -> RGB PIL image, with ``load_image``'s limits and errors."""
-    from PIL import Image, UnidentifiedImageError
-
-    from ib_edge.runtime.preprocess import MAX_IMAGE_PIXELS, to_rgb
+    """Encoded image bytes -> RGB PIL image: ``preprocess.load_image`` on bytes (the same limits,
+    errors and EXIF handling as ib-run)."""
+    from ib_edge.runtime.preprocess import load_image
 
     if not data:
         raise InputError("image is empty (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise InputError(f"image too large: {e}", hint="downscale it first") from None
-    except UnidentifiedImageError:
-        raise InputError("not an image (unrecognised format)") from None
-    except OSError as e:
-        raise InputError(f"cannot read image: {e}") from None
-    w, h = img.size
-    if w * h > MAX_IMAGE_PIXELS:
-        raise InputError(f"image too large: {w}x{h} = {w * h / 1e6:.0f} MP (limit {MAX_IMAGE_PIXELS / 1e6:.0f} MP)",
-                         hint="downscale it first")
-    try:
-        img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise InputError(f"cannot decode image: {e}") from None
-    if img.width < 1 or img.height < 1:
-        raise InputError("image is empty (0 pixels)")
-    return to_rgb(img)
+    return load_image(bytes(data))
 
 
 def _text(value, name: str) -> str:
@@ -217,10 +197,7 @@ class LLMModel(_Model):
                 q, ids, mask = (pb.get_input_tensor_by_name(r, n).as_numpy()
                                 for n in ("query_embeds", "input_ids", "attention_mask"))
                 gen = generation_params(pb, r, 1)[0]
-                tokens = self.llm.generate(q, ids, mask, decode=_no_text, **gen.as_kwargs())
-                if not isinstance(tokens, list):
-                    raise BundleError(f"the LLM runtime returned {type(tokens).__name__}, ib_edge.triton expects "
-                                      "a list of token ids", hint="update ib_edge/triton/models.py to the runtime")
+                tokens = self.llm.generate(q, ids, mask, decode=_no_text, **gen.as_kwargs()).token_ids
                 responses.append(pb.InferenceResponse([pb.Tensor("token_ids", np.asarray(tokens, np.int64))]))
             except Exception as e:
                 responses.append(_error(pb, e))
