@@ -3,6 +3,7 @@
     ib-bench [--bundle DIR ...] [--eval FILE.jsonl] [--report DIR] [--json FILE] [--runs N]
              [--warmup N] [--n-eval N] [--max-new-tokens N] [--source CHECKPOINT] [--no-baselines]
     ib-bench --scale real [--scale-layers N] [--scale-dir DIR] [--report DIR]
+    ib-bench --plan MODEL [--precision P] [--llm-quant Q] [--group-size G] [--context N] [--target NAME] [--json FILE]
 
 The first fp32 bundle (by its manifest) is the drift reference. Without --eval a fresh
 proof-task set is generated (its seed is printed and recorded). The report (markdown) goes to
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --scale real: keep (and reuse) the checkpoint and bundles here (default: a temp dir)")
     ap.add_argument("--scale-calib", type=int, default=8, metavar="N",
                     help="with --scale real: calibration images for the int8 export (default 8)")
+    from . import plan
+
+    plan.add_arguments(ap)
     return ap
 
 
@@ -63,6 +67,36 @@ def _config(args, **over):
         source=args.source, threads=args.threads,
         providers=tuple(p.strip() for p in args.providers.split(",")) if args.providers else None,
         bandwidth_mb=args.bandwidth_mb, progress=False if args.no_progress else None, **over)
+
+
+def check_outputs(args) -> None:
+    """--report and --json are checked before anything is measured (a run can take an hour;
+    an unwritable path found at its end would lose it), and so is the eval file."""
+    from .bench import BenchError, read_eval_file
+
+    def writable_dir(d: Path, flag: str) -> None:
+        probe = d
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir():
+            raise BenchError(f"{flag} {d}: {probe} is a file, not a directory")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise BenchError(f"{flag} {d}: {probe} is not writable")
+
+    if args.report:
+        rep = Path(args.report)
+        if rep.exists() and not rep.is_dir():
+            raise BenchError(f"--report {rep} is an existing file; --report takes a directory")
+        writable_dir(rep, "--report")
+    if args.json:
+        js = Path(args.json)
+        if js.is_dir():
+            raise BenchError(f"--json {js} is a directory; --json takes a file path")
+        if js.exists() and not os.access(js, os.W_OK):
+            raise BenchError(f"--json {js} is not writable")
+        writable_dir(js.parent, "--json")
+    if args.eval_file:
+        read_eval_file(Path(args.eval_file))
 
 
 def run(args, log) -> dict:
@@ -100,35 +134,44 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from ib_edge.runtime.errors import IbEdgeError
+    from ib_edge.runtime.errors import cli_failure
 
     from . import report
+    from .bench import BenchError
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     try:
+        if args.plan is not None:  # the planner: no measurement, its own report
+            from . import plan
+
+            result = plan.run_cli(args)
+            if args.json:
+                plan.write_json(result, args.json)
+            print(plan.render(result), end="")
+            return 0
+        check_outputs(args)
         result = run(args, log)
         result["command"] = "ib-bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-        if args.json:
-            report.write_json(result, Path(args.json))
-        if args.report:
-            paths = report.write_report(result, args.report)
-            log(f"ib-bench: wrote {paths['md']}, {paths['json']} and {len(paths['plots'])} plots")
-        print(report.render_markdown(result))
+        # the JSON first: a failing plot or markdown render must not lose the run
+        temp = not args.json and not args.report
+        saved = (Path(args.json) if args.json else Path(args.report) / "report.json" if args.report
+                 else Path(tempfile.gettempdir()) / f"ib-bench-{os.getpid()}.json")
+        report.write_json(result, saved)
+        try:
+            if args.report:
+                paths = report.write_report(result, args.report)
+                log(f"ib-bench: wrote {paths['md']}, {paths['json']} and {len(paths['plots'])} plots")
+            print(report.render_markdown(result))
+        except Exception as e:
+            raise BenchError(f"rendering the report failed ({type(e).__name__}: {e}); the results are saved in "
+                             f"{saved}") from None
+        if temp:
+            saved.unlink(missing_ok=True)
         return 0
-    except IbEdgeError as e:
-        print(f"ib-bench: error: {e.line()}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("ib-bench: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if os.environ.get("IB_EDGE_DEBUG"):
-            raise
-        print(f"ib-bench: internal error: {type(e).__name__}: {e} (set IB_EDGE_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return 4
+    except BaseException as e:
+        return cli_failure("ib-bench", e)
 
 
 if __name__ == "__main__":

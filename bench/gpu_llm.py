@@ -28,12 +28,13 @@ from pathlib import Path
 
 import torch
 
-from ib_edge.runtime import cudallm, fastllm
-from ib_edge.runtime.fastllm import LlamaArgs
+from ib_edge.bench import decode as bench_decode
+from ib_edge.runtime import cudallm, decode, engines, llama
+from ib_edge.runtime.llama import LlamaArgs
 
 VICUNA_7B = LlamaArgs(vocab_size=32000, hidden_size=4096, n_layers=32, n_heads=32, n_kv_heads=32,
                       intermediate_size=11008, max_positions=2048)
-SHAPES = {"tinyllama-1.1b": fastllm.PRESETS["tinyllama-1.1b"], "vicuna-7b": VICUNA_7B}
+SHAPES = {"tinyllama-1.1b": llama.PRESETS["tinyllama-1.1b"], "vicuna-7b": VICUNA_7B}
 # the rehearsal's stand-ins: GQA like TinyLlama, MHA like Vicuna, a few MB each
 REHEARSAL_SHAPES = {
     "tinyllama-1.1b": LlamaArgs(vocab_size=512, hidden_size=128, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -72,11 +73,11 @@ def _cos(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def cuda_model(a: LlamaArgs, tensors: dict, group_size: int | None, device: str):
-    """The cuda engine: through fastllm.assemble (the runtime's path) on a GPU, built directly
+    """The cuda engine: through engines.assemble (the runtime's path) on a GPU, built directly
     on the CPU for the rehearsal."""
     if device == "cuda":
-        return fastllm.assemble(a, tensors, group_size, "cuda")
-    return cudallm.CudaLlama(a, fastllm.collect(a, tensors, group_size), device="cpu")
+        return engines.assemble(a, tensors, group_size, "cuda")
+    return cudallm.CudaLlama(a, llama.collect(a, tensors, group_size), device="cpu")
 
 
 def teacher_forced(ref, test, embeds: torch.Tensor, steps: int) -> dict:
@@ -118,9 +119,9 @@ def agreement_proof(bundle: Path, opts: LlmOptions) -> dict:
                               enc["qformer_attention_mask"])
         tf = teacher_forced(cpu.model, gpu.model, cpu.embeds(q, enc["input_ids"]), opts.agree_steps)
         kw = dict(decode=pipe.prompts.decode, max_new_tokens=opts.agree_steps)
-        ids_cpu = cpu.generate(q, enc["input_ids"], enc["attention_mask"], **kw)
+        ids_cpu = cpu.generate(q, enc["input_ids"], enc["attention_mask"], **kw).token_ids
         streamed: list[str] = []
-        ids_gpu = gpu.generate(q, enc["input_ids"], enc["attention_mask"], on_text=streamed.append, **kw)
+        ids_gpu = gpu.generate(q, enc["input_ids"], enc["attention_mask"], on_text=streamed.append, **kw).token_ids
         equal = ids_cpu == ids_gpu
         same += equal
         worst = min(worst, tf["min_cosine"])
@@ -149,17 +150,17 @@ def _group_size(pipe) -> int | None:
 def agreement_random(name: str, opts: LlmOptions, seed: int = 0) -> dict:
     """A random int4 model (per-group scales and zero points drawn) on both engines."""
     a = opts.shapes[name]
-    t = fastllm.random_int4_tensors(a, 64, seed, scale_spread=1.0)
-    ref = fastllm.assemble(a, dict(t), 64, "torch")
+    t = bench_decode.random_int4_tensors(a, 64, seed, scale_spread=1.0)
+    ref = engines.assemble(a, dict(t), 64, "torch")
     test = cuda_model(a, dict(t), 64, opts.device)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, a.vocab_size, (1, opts.prompt_tokens), generator=g)
     rec = teacher_forced(ref, test, ref.embed(ids), opts.agree_steps)
     emb = ref.embed(ids)
-    greedy_cpu = fastllm.generate(ref, emb, max_new_tokens=opts.agree_steps)
-    greedy_gpu = fastllm.generate(test, emb, max_new_tokens=opts.agree_steps)
-    beams = [fastllm.beam_search(m, emb, num_beams=3, max_new_tokens=8) for m in (ref, test)]
-    sampled = [fastllm.generate(m, emb, max_new_tokens=8, temperature=0.8, top_p=0.9, seed=1) for m in (ref, test)]
+    greedy_cpu = decode.generate(ref, emb, max_new_tokens=opts.agree_steps)
+    greedy_gpu = decode.generate(test, emb, max_new_tokens=opts.agree_steps)
+    beams = [decode.beam_search(m, emb, num_beams=3, max_new_tokens=8) for m in (ref, test)]
+    sampled = [decode.generate(m, emb, max_new_tokens=8, temperature=0.8, top_p=0.9, seed=1) for m in (ref, test)]
     return {"model": f"random int4 {name} shape (group 64, scales and zero points drawn)", "shape": dataclasses.asdict(a),
             **rec, "greedy_equal": greedy_cpu == greedy_gpu, "beams_equal": beams[0] == beams[1],
             "seeded_samples_equal": sampled[0] == sampled[1]}
@@ -167,11 +168,11 @@ def agreement_random(name: str, opts: LlmOptions, seed: int = 0) -> dict:
 
 # --- decode speed ---------------------------------------------------------------------------------
 def _generate_rate(model, emb: torch.Tensor, n: int, repeats: int) -> dict:
-    """tokens/s of fastllm.generate after the first token (the prefill), from the times at
+    """tokens/s of decode.generate after the first token (the prefill), from the times at
     which each token's id reached the host; fastest of ``repeats`` after a warm-up."""
     def once(k):
         stamps = []
-        fastllm.generate(model, emb, max_new_tokens=k, on_token=lambda _: stamps.append(time.perf_counter()))
+        decode.generate(model, emb, max_new_tokens=k, on_token=lambda _: stamps.append(time.perf_counter()))
         return stamps
 
     once(n)   # warm-up at the timed length: the cache and its graph capture, allocator, kernel selection
@@ -272,7 +273,7 @@ def _compiled_variant(model, emb, wb: int, bw_gb_s: float, opts: LlmOptions, che
     t0 = time.monotonic()
     model.set_compile(True)
     try:
-        fastllm.generate(model, emb, max_new_tokens=4)   # compile + capture
+        decode.generate(model, emb, max_new_tokens=4)   # compile + capture
         compile_s = time.monotonic() - t0
         rec = {"compile_and_capture_s": round(compile_s, 1), **_generate_rate(model, emb, opts.new_tokens, opts.repeats)}
         rec["graph_step_ms"] = round(_step_time(model, opts.device, opts.prompt_tokens + 2, opts.step_runs), 4)
@@ -290,7 +291,7 @@ def decode_speed(name: str, opts: LlmOptions, bw_gb_s: float, check) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.monotonic()
-    model = cuda_model(a, fastllm.random_int4_tensors(a, opts.group_size, seed=0), opts.group_size, opts.device)
+    model = cuda_model(a, bench_decode.random_int4_tensors(a, opts.group_size, seed=0), opts.group_size, opts.device)
     build_s = time.monotonic() - t0
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, a.vocab_size, (1, opts.prompt_tokens), generator=g)
@@ -407,6 +408,6 @@ def render(sec: dict) -> list[str]:
     L += ["", f"Synchronizing CUDA calls in one decode step (torch sync debug mode): {syncs}; graph captures per "
           f"timed model: { {n: r['graph_captures'] for n, r in sec['decode'].items() if 'graph_captures' in r} }."]
     L += ["", "bound = measured copy bandwidth / weight bytes per token (packed int4 + bf16 scales/zeros, norms, one "
-          "embedding row); tokens/s from the host times of each sampled id in fastllm.generate (fastest of the "
+          "embedding row); tokens/s from the host times of each sampled id in decode.generate (fastest of the "
           "repeats); graph step = one replay, device-timed, median.", "", f"Goals: {json.dumps(sec.get('goals'))}", ""]
     return L

@@ -36,7 +36,7 @@ def _best(fn, repeats: int = 5) -> float:
 def torch_int4(group: int) -> dict:
     import torch
 
-    from ib_edge.runtime.fastllm import Int4Linear
+    from ib_edge.runtime.int4 import Int4Linear
 
     mods = [Int4Linear.from_int4(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8),
                                  torch.full((n, k // group), 0.01), torch.full((n, k // group), 8, dtype=torch.uint8),

@@ -242,14 +242,33 @@ def write_eval_set(out_dir, n: int, seed: int) -> Path:
 
 
 def read_eval_set(path) -> list[dict]:
-    """Rows of an eval jsonl with ``image`` resolved to an absolute path (str)."""
+    """Rows of an eval jsonl, validated: each line an object with string ``image`` (resolved to
+    an absolute path), ``question`` and ``answer`` (numbers are taken as their text), and an
+    optional ``type`` (likewise; absent: "untyped"). A bad row raises ValueError naming the
+    file's line."""
     path = Path(path)
     rows = []
-    with open(path) as f:
-        for line in f:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"line {n}: {e.msg} (column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"line {n}: a row must be a JSON object, not {type(row).__name__}")
+            missing = [k for k in ("image", "question", "answer") if k not in row]
+            if missing:
+                raise ValueError(f"line {n}: lacks {', '.join(missing)}")
+            for key in ("image", "question", "answer", "type"):
+                v = row.get(key)
+                if key == "type" and v is None:
+                    row[key] = "untyped"
+                elif key in ("answer", "type") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    row[key] = str(v)
+                elif not isinstance(v, str) or not v.strip():
+                    raise ValueError(f"line {n}: {key} must be non-empty text, got {json.dumps(v)[:40]}")
             img = Path(row["image"])
             if not img.is_absolute():
                 img = path.parent / img

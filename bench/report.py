@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-LATENCY_COLUMNS = ("preprocess", "vision", "qformer", "llm_prefill", "ttft", "llm_decode", "total")
+LATENCY_COLUMNS = ("preprocess", "vision", "qformer", "llm_prefill", "ttft", "llm_decode", "other", "total")
 STACK = ("preprocess", "vision", "qformer", "llm_prefill", "llm_decode")
 PLOTS = ("latency_stages.png", "accuracy_vs_latency.png")
 
@@ -39,11 +39,37 @@ def _pct(v) -> str:
     return _f(None if v is None else 100 * v, "{:.1f}%")
 
 
+FLOAT_NAMES = ("fp32", "float32", "fp16", "float16", "bf16", "bfloat16")
+
+
+def precision_label(s: dict) -> str:
+    """A bundle's precision as tables and plots show it: the manifest's (vision + Q-Former)
+    precision, and the LLM's where it differs and is not a float format, e.g. "int8 + int4 LLM"."""
+    prec = s.get("precision")
+    llm = (s.get("stages") or {}).get("llm") or {}
+    lp = llm.get("precision")
+    if lp and lp != prec and lp not in FLOAT_NAMES:
+        return f"{prec} + {lp} LLM"
+    return str(prec)
+
+
 def _label(s: dict) -> str:
     if s.get("kind") == "bundle":
         ref = " (reference)" if s.get("is_reference") else ""
-        return f"{s['name']} [{s.get('precision')}]{ref}"
+        return f"{s['name']} [{precision_label(s)}]{ref}"
     return s["name"]
+
+
+def _bandwidth_cell(bw: dict) -> str:
+    probes = bw.get("probes") or {}
+    if probes:
+        parts = ", ".join(f"{k} {v['gb_per_s']:.1f}" for k, v in probes.items())
+        cell = f"probes (GB/s, {bw['array_mb']} MB, {bw.get('threads', '?')} threads): {parts}"
+    else:
+        cell = f"{bw['gb_per_s']:.1f} GB/s read ({bw['method']}, {bw['array_mb']} MB)"
+    if bw.get("bound_gb_per_s") is not None:
+        cell += f"; decode bound {bw['bound_gb_per_s']:.1f} GB/s, set by {bw['bound_set_by']}"
+    return cell
 
 
 def render_markdown(result: dict) -> str:
@@ -70,12 +96,12 @@ def render_markdown(result: dict) -> str:
         ["GPU", gpu.get("name", "none") + ("" if gpu.get("available") else f" (not used: {gpu.get('reason')})")],
         ["software", ", ".join(f"{k} {v}" for k, v in sw.items() if v)],
         ["ONNX Runtime providers", ", ".join(hw["onnxruntime_providers"])],
-        ["memory bandwidth", f"{bw['gb_per_s']:.1f} GB/s read ({bw['method']}, {bw['array_mb']} MB, "
-                             f"{bw.get('threads', '?')} threads)"
-         + (f"; {bw['copy_gb_per_s']:.1f} GB/s {bw['copy_method']}" if "copy_gb_per_s" in bw else "")],
+        ["memory bandwidth", _bandwidth_cell(bw)],
     ])
-    L += ["Read bandwidth is what streaming reads achieve here with the LLM's thread count; decode of a large LLM "
-          "cannot beat read bandwidth / bytes of weights per token (see Decode).", ""]
+    L += ["The decode bound is the best streaming rate measured in this run: the probes above and every "
+          "system's own effective rate (LLM weight bytes per token x decode tokens/s), so no system exceeds "
+          "100%; the row says which set it. Decode of a large LLM cannot beat bound / bytes of weights per "
+          "token (see Decode).", ""]
     load = (hw.get("load_average") or [0])[0]
     if load > 0.5 * (hw.get("cpus_usable") or 1):
         L += [f"**Warning: the machine was busy at the start (load {load:.1f} on {hw['cpus_usable']} cores).** "
@@ -91,7 +117,8 @@ def render_markdown(result: dict) -> str:
           + (f"generated, seed {ev['seed']} (`{ev.get('regenerate')}`)." if ev.get("seed") is not None
              else f"{ev['source']} (sha256 {ev['sha256'][:12]})."),
           f"- Latency: {li['runs']} timed runs after {li['warmup']} warm-up runs on one input "
-          f"({li['question']!r}, {li['image']}), greedy, at most {li['max_new_tokens']} new tokens.", ""]
+          f"({li['question']!r}, {li['image']}), greedy, exactly {li['max_new_tokens']} new tokens (EOS suppressed); "
+          f"the accuracy pass stops at EOS as usual.", ""]
 
     L += ["## Latency per stage (ms, p50)", ""]
     rows = []
@@ -102,7 +129,9 @@ def render_markdown(result: dict) -> str:
     L += ["- p50 is the median of the timed runs; warm-up runs are excluded.",
           "- ttft = preprocess + vision + qformer + llm_prefill: image and prompt in, first token out.",
           "- llm_prefill is the LLM's own time to the first token; llm_decode is every later token.",
-          "- total is end to end (model loading excluded).", ""]
+          "- total is end to end (model loading excluded); other = total − the stages in the same run (prompt "
+          "splice, detokenising), so each run's stages add up to its total (medians of parts need not add up exactly).",
+          "- every timed run decodes exactly the maximum new tokens (EOS suppressed, ours and the baselines alike).", ""]
     L += ["## Latency spread (ms, p90 / p99)", ""]
     rows = [[_label(s)] + [f"{_f(s['latency_ms'].get(c, {}).get('p90'))} / {_f(s['latency_ms'].get(c, {}).get('p99'))}"
                            for c in ("vision", "qformer", "ttft", "total")] for s in syss]
@@ -122,7 +151,8 @@ def render_markdown(result: dict) -> str:
                  "bound tokens/s", "% of bound"], rows)
     L += ["- LLM engine: ort / torch for the fast 4-bit path (ib-run --llm-engine), transformers otherwise.",
           "- tokens/s = (new tokens − 1) / llm_decode time; the first token belongs to prefill.",
-          "- bound = memory bandwidth / LLM weight bytes per token (all weights but the input embedding).",
+          "- bound = the run's best streaming rate (see Machine: probes and every system's effective rate) / "
+          "LLM weight bytes per token (all weights but the input embedding).",
           "- % of bound near 100 means decode is limited by memory; a tiny LLM that fits in cache is "
           "limited by per-token overhead instead, and the percentage says little.", ""]
 

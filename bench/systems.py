@@ -1,5 +1,6 @@
-"""The things the benchmark times, behind one interface: ``run(image, question, max_new_tokens)
--> Answer`` with per-stage milliseconds named as the runtime names them.
+"""The things the benchmark times, behind one interface: ``run(image, question, max_new_tokens,
+fixed_length=False) -> Answer`` with per-stage milliseconds named as the runtime names them;
+``fixed_length`` suppresses EOS so that every system decodes exactly ``max_new_tokens``.
 
 * ``BundleSystem``: an ib-edge bundle through ``ib_edge.runtime.Pipeline`` (the product path).
 * ``TransformersSystem``: ``InstructBlipForConditionalGeneration.generate`` on the bundle's
@@ -7,8 +8,8 @@
   from forward hooks on the vision model, the Q-Former and the language projection, and a
   streamer that notes the first generated token, so one ``generate`` call gives all of them.
 
-The InstructBLIP knowledge the benchmark needs (how the LLM is fed for one next-token
-forward) lives here and nowhere else in bench/.
+How the LLM is fed for one next-token forward is the runtime's LLM stage's to know
+(``runtime.llm``); the benchmark asks it.
 """
 from __future__ import annotations
 
@@ -42,8 +43,10 @@ class BundleSystem:
         _ = self.pipe.llm  # load the LLM now: its load is not part of the first run
         self.manifest = self.pipe.manifest
 
-    def run(self, image, question: str, max_new_tokens: int) -> Answer:
-        res = self.pipe.run(image, question, max_new_tokens=max_new_tokens)
+    def run(self, image, question: str, max_new_tokens: int, fixed_length: bool = False) -> Answer:
+        """``fixed_length``: EOS suppressed, so exactly ``max_new_tokens`` are generated (timing)."""
+        res = self.pipe.run(image, question, max_new_tokens=max_new_tokens,
+                            min_new_tokens=max_new_tokens if fixed_length else 0)
         t = dict(res.timings_ms)
         # encoder-decoder output starts with the decoder start token, which is not generated
         t["new_tokens"] = float(len(res.token_ids) - (1 if self.pipe.llm.is_encoder_decoder else 0))
@@ -57,7 +60,7 @@ class BundleSystem:
         img = self.pipe.image_embeds(self.pipe.pixel_values([image]))
         q = self.pipe.query_embeds(img, enc["qformer_input_ids"], enc["qformer_attention_mask"])
         out = {"image_embeds": img, "query_embeds": q,
-               "next_token_logits": next_token_logits(self.pipe.llm, q, enc)}
+               "next_token_logits": self.pipe.llm.next_token_logits(q, enc["input_ids"], enc["attention_mask"])}
         if ref_image_embeds is not None and ref_image_embeds.shape == img.shape:
             out["query_embeds_stage"] = self.pipe.query_embeds(
                 ref_image_embeds, enc["qformer_input_ids"], enc["qformer_attention_mask"])
@@ -66,29 +69,6 @@ class BundleSystem:
     @property
     def llm_model(self):
         return self.pipe.llm.model
-
-
-def next_token_logits(llm, query_embeds: np.ndarray, enc: dict[str, np.ndarray]) -> np.ndarray:
-    """One LLM forward over the prompt with the query embeddings in the ``<image>`` slots, as
-    ``TransformersLLM.generate`` builds it; returns float32 logits [1, vocab] of the first
-    generated position (decoder-only: after the prompt; encoder-decoder: after the start token)."""
-    import torch
-
-    model = llm.model
-    ids = torch.from_numpy(enc["input_ids"])
-    if hasattr(model, "setup_cache"):  # the fast int4 runtime (runtime/fastllm.py)
-        with torch.no_grad():
-            model.setup_cache(ids.shape[1] + 1)
-            return model(llm.embeds(query_embeds, enc["input_ids"]), 0).float().numpy()
-    with torch.no_grad():
-        embeds = model.get_input_embeddings()(ids)
-        mask = (ids == llm.image_token_id).unsqueeze(-1)
-        embeds = embeds.masked_scatter(mask, torch.from_numpy(query_embeds).to(embeds.dtype))
-        kw = {"inputs_embeds": embeds, "attention_mask": torch.from_numpy(enc["attention_mask"])}
-        if llm.is_encoder_decoder:
-            kw["decoder_input_ids"] = torch.tensor([[model.config.decoder_start_token_id]])
-        logits = model(**kw).logits[:, -1]
-    return logits.float().numpy()
 
 
 class _FirstToken:
@@ -159,8 +139,9 @@ class TransformersSystem:
             kwargs["dtype"] = torch.float32
         else:
             raise ValueError(f"quantization {quantization!r}: None or 'nf4'")
-        self.model = InstructBlipForConditionalGeneration.from_pretrained(checkpoint, **kwargs).eval()
-        self.processor = InstructBlipProcessor.from_pretrained(checkpoint)
+        self.model = InstructBlipForConditionalGeneration.from_pretrained(checkpoint, trust_remote_code=False,
+                                                                          **kwargs).eval()
+        self.processor = InstructBlipProcessor.from_pretrained(checkpoint, trust_remote_code=False)
         self.device = next(self.model.parameters()).device
         self.float_dtype = kwargs["dtype"]
         self.nf4_generic_layers = _nf4_cpu_fallbacks(self.model) if quantization == "nf4" else 0
@@ -178,7 +159,7 @@ class TransformersSystem:
             self._sync()
             self._marks[name] = time.perf_counter()
 
-    def run(self, image, question: str, max_new_tokens: int) -> Answer:
+    def run(self, image, question: str, max_new_tokens: int, fixed_length: bool = False) -> Answer:
         import torch
 
         t0 = time.perf_counter()
@@ -191,7 +172,7 @@ class TransformersSystem:
         streamer = _FirstToken(self._sync)
         with torch.no_grad():
             out = self.model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                      streamer=streamer)
+                                      min_new_tokens=max_new_tokens if fixed_length else None, streamer=streamer)
         self._sync()
         t2 = time.perf_counter()
         if not self.is_encoder_decoder:

@@ -382,8 +382,8 @@ def train(family: str, out: Path, seed: int = 0, steps: int | None = None, threa
 
     # Score the saved checkpoint, reloaded the way users load it.
     from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
-    model = InstructBlipForConditionalGeneration.from_pretrained(out).eval().to(device)
-    processor = InstructBlipProcessor.from_pretrained(out)
+    model = InstructBlipForConditionalGeneration.from_pretrained(out, trust_remote_code=False).eval().to(device)
+    processor = InstructBlipProcessor.from_pretrained(out, trust_remote_code=False)
     te = time.time()
     result = evaluate(model, processor, pt.make_eval_examples(EVAL_N, EVAL_SEED))
     eval_time = time.time() - te

@@ -76,6 +76,48 @@ def _keep_fp32(fp32_path: Path, out_path: Path) -> None:
         shutil.copy(f, out_path.parent / f.name)
 
 
+def _chain_drift(fp32: dict[str, Path], vision: Path, qformer: Path, feeds, calib, prompts):
+    """query_embeds of ``vision`` feeding ``qformer`` against the fp32 chain, held-out split."""
+    q_held = _qformer_feeds(int8.run_graph(vision, feeds["vision"][1], "image_embeds"),
+                            calib.instructions, prompts, offset=7)
+    return compare(int8.run_graph(fp32["qformer"], feeds["qformer"][1], "query_embeds"),
+                   int8.run_graph(qformer, q_held, "query_embeds"))
+
+
+def _search_vision_for_chain(fp32, out_dir: Path, feeds, calib, prompts, records, used, log) -> None:
+    """Both stages can be within their own budgets while the chain is not (vision's error is
+    amplified by the Q-Former; measured on proof-llama, AVX2 CPU: vision 0.99734 / Q-Former
+    0.99956, chain worst 0.97846 < 0.98). Then the vision search runs again with the chain's
+    budget as its acceptance test (the Q-Former graph fixed), excluding its most sensitive nodes
+    1, 2, 4, ... as usual."""
+    chain = _chain_drift(fp32, out_dir / "vision.onnx", out_dir / "qformer.onnx", feeds, calib, prompts)
+    if not budgets.violations("query_embeds", "int8", chain):
+        return
+    log(f"      chain query_embeds int8: {chain.line()}: over budget; searching vision against the chain")
+    out = out_dir / "vision.onnx"
+    cal, held = feeds["vision"]
+
+    def chain_ok(d) -> bool:
+        if budgets.violations("image_embeds", "int8", d):
+            return False
+        return not budgets.violations("query_embeds", "int8",
+                                      _chain_drift(fp32, out, out_dir / "qformer.onnx", feeds, calib, prompts))
+
+    try:
+        recipe, drift, steps = int8.search(fp32["vision"], out, "image_embeds", cal, held, chain_ok,
+                                           base=used["vision"], name="vision (chain)", log=log)
+    except RuntimeError as e:
+        raise budgets.DriftBudgetError(f"chain query_embeds: {e}", hint="calibrate on your own images (--calib "
+                                       "DIR) or use --precision fp16") from None
+    if recipe.exclude:
+        log(f"      vision: kept in higher precision for the chain: {', '.join(recipe.exclude)}")
+    used["vision"] = recipe
+    q = records["vision"]["quantization"]
+    records["vision"]["drift"] = drift.to_json()
+    q["excluded_nodes"] = list(recipe.exclude)
+    q["search"] = q["search"] + [dict(s.to_json(), criterion="chain") for s in steps]
+
+
 def quantize_stages(precision: str, fp32: dict[str, Path], out_dir: Path, *, preprocess: dict,
                     prompts: PromptEncoder, calib: CalibrationSet, method: str = "minmax",
                     recipes: dict[str, int8.Int8Recipe] | None = None, int8_stages: str = "all",
@@ -141,9 +183,12 @@ def quantize_stages(precision: str, fp32: dict[str, Path], out_dir: Path, *, pre
             log(f"      {stage}: kept in higher precision: {', '.join(recipe.exclude)}")
         used[stage] = recipe
         records[stage] = {"drift": drift.to_json(), "quantization": {
-            "scheme": "QDQ int8, symmetric; activations per-tensor, weights per-channel",
+            "scheme": "QDQ int8, symmetric; activations per-tensor, weights per-channel"
+                      + (" in 7 bits (reduce_range)" if recipe.reduce_range else ""),
             "op_types": list(recipe.op_types), "excluded_nodes": list(recipe.exclude),
             "method": recipe.method, "search": [s.to_json() for s in steps]}}
+    if precision == "int8" and not (recipes and "vision" in recipes):
+        _search_vision_for_chain(fp32, out_dir, feeds, calib, prompts, records, used, log)
     if precision == "int8" and int8_stages == "faster":
         for stage in ("vision", "qformer"):
             feed = feeds[stage][1][0]
@@ -163,10 +208,7 @@ def quantize_stages(precision: str, fp32: dict[str, Path], out_dir: Path, *, pre
                                                   "on this machine)", "int8_recipe_searched": records[stage][
                                                       "quantization"]}
     # The chain the LLM sees: quantized vision feeding the quantized Q-Former.
-    q_held = _qformer_feeds(int8.run_graph(out_dir / "vision.onnx", feeds["vision"][1], "image_embeds"),
-                            calib.instructions, prompts, offset=7)
-    chain = compare(int8.run_graph(fp32["qformer"], feeds["qformer"][1], "query_embeds"),
-                    int8.run_graph(out_dir / "qformer.onnx", q_held, "query_embeds"))
+    chain = _chain_drift(fp32, out_dir / "vision.onnx", out_dir / "qformer.onnx", feeds, calib, prompts)
     log(f"      chain query_embeds {precision}: {chain.line()}")
     budgets.check("query_embeds", precision, chain)
     return {"stages": records, "chain": chain.to_json(), "recipes": used}

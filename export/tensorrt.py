@@ -1,15 +1,22 @@
-"""Build TensorRT engines from the bundle's ONNX graphs (TensorRT 10 Python API).
+"""Build TensorRT engines from the bundle's ONNX graphs: one strongly typed path for
+TensorRT 10.x and 11.x.
+
+TensorRT 11 builds every network strongly typed and has no precision builder flags (FP16, INT8,
+BF16, ... and the precision-constraint flags are gone from its Python API; read from the
+``tensorrt-cu12-bindings`` 11.4.0.106 wheel, see tests/trt_api/). TensorRT 10.x builds strongly
+typed when the network is created with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``, which
+11.x keeps and ignores. So every engine is built strongly typed, without precision flags, and
+the precision comes from the graph: fp32 from the fp32 graph (TF32 off), fp16 from the bundle's
+fp16 graph, INT8 from a Q/DQ graph whose unquantized parts are fp16 (``quant/trt_int8.py``).
+``ib_edge.quant.trt_int8.check`` verifies the graph matches the requested precision (and
+refuses NVIDIA/TensorRT#4832's pattern) before TensorRT is imported.
 
 ``build_engine`` parses the ONNX file (a parse failure is fatal and lists every parser error),
-sets the precision flags, one optimization profile covering every input, the workspace limit and
-an optional timing cache, then writes the serialized engine atomically and returns the record the
-manifest keeps under the artifact's ``engine`` key: platform identity + precision + profiles +
-workspace. The runtime (``ib_edge.runtime.tensorrt_stage``) refuses an engine whose identity
+sets one optimization profile covering every input, the workspace limit and an optional timing
+cache, then writes the serialized engine atomically and returns the record the manifest keeps
+under the artifact's ``engine`` key: platform identity + precision + profiles + workspace + how
+it was built. The runtime (``ib_edge.runtime.tensorrt_stage``) refuses an engine whose identity
 differs from the machine it runs on.
-
-INT8 is explicit quantization only: the ONNX graph carries QuantizeLinear/DequantizeLinear
-nodes and TensorRT follows them (the INT8 flag enables them, FP16 covers the layers left in
-higher precision). TensorRT 10 deprecates implicit calibrators; none is used here.
 
 ``tensorrt`` is imported inside the functions that need it: this module imports without it.
 """
@@ -20,12 +27,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ib_edge.quant import trt_int8
 from ib_edge.runtime.errors import IbEdgeError
-from ib_edge.runtime.stages import ort_provider_options  # noqa: F401  (re-exported)
+from ib_edge.runtime.stages import PRECISIONS, ort_provider_options  # noqa: F401  (re-exported)
 from ib_edge.runtime.tensorrt_stage import (  # noqa: F401  (re-exported: the export side records them)
     IDENTITY_FIELDS, engine_mismatches, parse_l4t_release, platform_identity)
 
-PRECISIONS = ("fp32", "fp16", "int8")
 # 1 GiB: the largest scratch a ViT-g/Q-Former layer tactic is allowed. Jetson Orin shares its
 # 8-64 GB between CPU and GPU, and the LLM must fit beside the engines at run time; TensorRT
 # skips tactics that need more than this rather than failing, so a small pool costs a little
@@ -135,11 +142,33 @@ def _parser_error(err) -> str:
     return f"{where}: {err.desc()}"
 
 
-def _has_qdq(onnx_path: Path) -> bool:
-    import onnx
+def network_flags(trt) -> int:
+    """Creation flags for a strongly typed network: ``1 << STRONGLY_TYPED`` where TensorRT has
+    the flag (10.x: required for strong typing; 11.x: kept, ignored, always strongly typed).
+    A TensorRT without it builds strongly typed only from 11 on; older ones are refused."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if flag is not None:
+        return 1 << int(flag)
+    try:
+        major = int(str(trt.__version__).split(".")[0])
+    except ValueError:
+        major = 0
+    if major >= 11:
+        return 0
+    raise TensorRTBuildError(f"TensorRT {trt.__version__} cannot build strongly typed networks",
+                             hint="use TensorRT 10.x (JetPack 6) or newer")
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+def check_graph(onnx_path: Path, precision: str) -> None:
+    """Refuse a graph whose types do not make a strongly typed ``precision`` engine."""
+    problems = trt_int8.check(onnx_path, precision)
+    if problems:
+        hint = {"int8": "build from the INT8-over-FP16 graph ib-export --backend tensorrt writes "
+                        "(ib_edge.quant.trt_int8.convert)",
+                "fp16": "build from the bundle's fp16 graph (ib-export --precision fp16)"}.get(
+                    precision, "build from the bundle's fp32 graph")
+        raise TensorRTBuildError(f"{onnx_path.name} cannot build a strongly typed {precision} engine: "
+                                 + "; ".join(problems), hint=hint)
 
 
 def build_engine(onnx_path, engine_path, *, precision: str, profiles: dict[str, Triple],
@@ -157,10 +186,7 @@ def build_engine(onnx_path, engine_path, *, precision: str, profiles: dict[str, 
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.is_file():
         raise TensorRTBuildError(f"ONNX graph not found: {onnx_path}")
-    if precision == "int8" and not _has_qdq(onnx_path):
-        raise TensorRTBuildError(f"{onnx_path.name} has no QuantizeLinear/DequantizeLinear nodes; int8 engines "
-                                 "are built from explicitly quantized graphs only",
-                                 hint="quantize the graph first (Q/DQ), or build fp16")
+    check_graph(onnx_path, precision)
     trt = _import_tensorrt()
     ident = dict(identity if identity is not None else platform_identity(tensorrt_version=trt.__version__),
                  tensorrt=trt.__version__)
@@ -172,7 +198,8 @@ def build_engine(onnx_path, engine_path, *, precision: str, profiles: dict[str, 
     t0 = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    flags = network_flags(trt)
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     ok = parser.parse_from_file(str(onnx_path))  # reads external data beside the file
     errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -193,13 +220,10 @@ def build_engine(onnx_path, engine_path, *, precision: str, profiles: dict[str, 
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    if precision == "fp32":
-        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 matmuls drift ~1e-3
-    elif precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    else:  # int8: Q/DQ nodes pick the int8 layers; FP16 for those the graph leaves unquantized
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.set_flag(trt.BuilderFlag.FP16)
+    # No precision flags (11.x has none; a strongly typed 10.x network must not set them): the
+    # graph's types decide. TF32 off, so fp32 tensors (the fp32 graph; the fp16 graph's kept-fp32 norms) stay
+    # fp32: TF32 matmuls drift ~1e-3.
+    config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     for name in names:
         try:
@@ -232,5 +256,7 @@ def build_engine(onnx_path, engine_path, *, precision: str, profiles: dict[str, 
         "precision": precision,
         "profiles": profiles_to_json(profiles),
         "workspace_mb": int(workspace_mb),
+        "strongly_typed": True, "network_flags": flags, "tf32": False,
+        "built_from": onnx_path.name,
         "build_s": round(seconds, 1),
     }

@@ -1,5 +1,8 @@
 """Drift metrics between a reference (fp32) output and a quantized one; model-agnostic.
 
+Two kinds: ``DriftStats`` of a graph's output tensors (``compare``) and ``LogitsDrift`` of an
+LLM's next-token logits (``drift_of``: cosine and top-1 agreement).
+
 What to expect: fp32 re-export ~1.0 cosine and SQNR > 100 dB; FP16 cosine >= 0.9999 and SQNR
 ~40-60 dB; good INT8 (MatMul/Conv/Gemm only) cosine >= 0.995 and SQNR ~20-35 dB. SQNR below
 ~15 dB or cosine below 0.98 is a broken quantization.
@@ -55,3 +58,39 @@ def compare(refs: list[np.ndarray] | np.ndarray, gots: list[np.ndarray] | np.nda
         return DriftStats(float("nan"), float("nan"), float("-inf"), float("inf"), ref_max, len(cos))
     sqnr = float("inf") if noise == 0 else 10 * np.log10(max(sig, 1e-300) / noise)
     return DriftStats(float(np.mean(cos)), float(np.min(cos)), float(sqnr), max_abs, ref_max, len(cos))
+
+
+# A token is "decided" when fp32 gives its top-1 at least this probability. Top-1 flips where
+# fp32 itself is near a tie are not quality loss (any rounding change, even the batch size,
+# flips them; random-weight models are all near-ties): the budget counts decided tokens only,
+# all-token agreement is reported beside it.
+DECIDED = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitsDrift:
+    """An LLM's next-token logits against fp32 over teacher-forced tokens."""
+    cosine_mean: float
+    cosine_min: float
+    top1: float              # all tokens
+    top1_decided: float      # tokens fp32 decides (top-1 prob >= DECIDED); 1.0 when there are none
+    decided: int
+    tokens: int
+
+    def to_json(self) -> dict:
+        return {"logits_cosine_mean": round(self.cosine_mean, 6), "logits_cosine_min": round(self.cosine_min, 6),
+                "top1_agreement": round(self.top1, 5), "top1_agreement_decided": round(self.top1_decided, 5),
+                "decided_tokens": self.decided, "tokens": self.tokens}
+
+
+def drift_of(got: list, reference: list) -> LogitsDrift:
+    """Drift of logits ``got`` against ``reference`` (lists of torch tensors [tokens, V])."""
+    import torch
+
+    g, r = torch.cat(got).float(), torch.cat(reference).float()
+    c = torch.nn.functional.cosine_similarity(g, r, dim=-1)
+    agree = g.argmax(-1) == r.argmax(-1)
+    decided = r.softmax(-1).amax(-1) >= DECIDED
+    n_dec = int(decided.sum())
+    top1_dec = float(agree[decided].float().mean()) if n_dec else 1.0
+    return LogitsDrift(float(c.mean()), float(c.min()), float(agree.float().mean()), top1_dec, n_dec, int(c.numel()))

@@ -1,5 +1,5 @@
 """Group-wise asymmetric int4 weights: RTN quantization, GPTQ/AWQ checkpoint conversion, and
-writing the ib-edge int4 checkpoint the fast runtime (``ib_edge.runtime.fastllm``) loads.
+writing the ib-edge int4 checkpoint the fast runtime (``ib_edge.runtime.int4``) loads.
 
 One representation for every source, ``Int4Weight``: ``q`` uint8 [N, K] in 0..15, ``scales``
 fp32 [N, K/G], ``zeros`` uint8 [N, K/G] (integer zero points); w ~= (q - zeros) * scales, one
@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ib_edge.runtime.errors import IbEdgeError
-from ib_edge.runtime.fastllm import INT4_FORMAT, INT4_FORMAT_VERSION, KERNEL_GROUP_SIZES, pack_nibbles
+from ib_edge.runtime.formats import DEFAULT_GROUP_SIZE, INT4_FORMAT, INT4_FORMAT_VERSION, KERNEL_GROUP_SIZES
+from ib_edge.runtime.int4 import pack_nibbles
 
 # Linear layers of a transformers Llama that are quantized (suffixes of ``...weight``).
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -44,7 +45,7 @@ class Int4Weight:
                 f"{name}.qzeros": self.zeros.to(torch.uint8).contiguous()}
 
 
-def quantize_rtn(w: torch.Tensor, group_size: int = 64) -> Int4Weight:
+def quantize_rtn(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Weight:
     """Round-to-nearest, per group min/max -> scale = (max - min) / 15, integer zero point."""
     n, k = w.shape
     if group_size not in KERNEL_GROUP_SIZES or k % group_size:
@@ -107,7 +108,7 @@ def _is_quantized(name: str, include_lm_head: bool) -> bool:
                                          (include_lm_head and base == "lm_head"))
 
 
-def quantize_state_dict(state: dict[str, torch.Tensor], group_size: int = 64,
+def quantize_state_dict(state: dict[str, torch.Tensor], group_size: int = DEFAULT_GROUP_SIZE,
                         include_lm_head: bool = True) -> dict[str, torch.Tensor]:
     """transformers Llama state dict -> the int4 checkpoint's tensors (RTN). Embeddings and norms
     stay fp32; with ``include_lm_head`` a tied lm_head gets its own int4 copy."""
@@ -145,7 +146,7 @@ def save_int4(tensors: dict[str, torch.Tensor], config: dict, out_dir: str | Pat
             "lm_head": "int4" if "lm_head.qweight" in tensors else "fp32"}
 
 
-def quantize_model_dir(src: str | Path, out_dir: str | Path, group_size: int = 64, include_lm_head: bool = True) -> dict:
+def quantize_model_dir(src: str | Path, out_dir: str | Path, group_size: int = DEFAULT_GROUP_SIZE, include_lm_head: bool = True) -> dict:
     """A transformers Llama directory (config.json + safetensors) -> int4 RTN checkpoint."""
     from safetensors.torch import load_file
 

@@ -21,6 +21,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -28,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from ib_edge.runtime.errors import IbEdgeError
+from ib_edge.runtime.formats import DEFAULT_GROUP_SIZE
+from ib_edge.runtime.llm import splice_image
 
 METHODS = ("gptq", "awq")
 GPTQMODEL_VERSION = "7.6.0"
@@ -85,8 +88,6 @@ def _examples_hash(examples) -> str:
 
 def _install_embeds_hook(gmodel, examples, image_token_id: int) -> dict:
     """Replace gptqmodel's layer-0 input capture forward with one that feeds inputs_embeds."""
-    import torch
-
     queues: dict[tuple, list] = defaultdict(list)
     for e in examples:
         queues[tuple(e.input_ids.tolist())].append(e.query_embeds)
@@ -105,15 +106,14 @@ def _install_embeds_hook(gmodel, examples, image_token_id: int) -> dict:
         seen["calls"] += 1
         emb = model.get_input_embeddings()(ids)
         if q is not None:
-            mask = (ids == image_token_id).unsqueeze(-1)
-            emb = emb.masked_scatter(mask, torch.from_numpy(q).to(emb.dtype))
+            emb = splice_image(emb, ids, q, image_token_id)
         return model(inputs_embeds=emb, attention_mask=example.get("attention_mask"), use_cache=use_cache)
 
     gmodel.run_input_capture = run_input_capture
     return seen
 
 
-def quantize_llm(llm_dir, out_dir, examples, *, method: str = "gptq", bits: int = 4, group_size: int = 64,
+def quantize_llm(llm_dir, out_dir, examples, *, method: str = "gptq", bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE,
                  image_token_id: int, tokenizer_dir=None, sym: bool = False,
                  calib_record: dict | None = None) -> dict:
     """Quantize the transformers LLM in ``llm_dir`` with gptqmodel and save a standard HF
@@ -156,7 +156,7 @@ def quantize_llm(llm_dir, out_dir, examples, *, method: str = "gptq", bits: int 
                         (Path(work) / f.name).unlink(missing_ok=True)
                         (Path(work) / f.name).symlink_to(f.resolve())
             src = Path(work)
-        gm = GPTQModel.load(str(src), qcfg, device="cpu")
+        gm = GPTQModel.load(str(src), qcfg, device="cpu", trust_remote_code=False)
         seen = _install_embeds_hook(gm, examples, image_token_id)
         # gptqmodel 7.6's quantize() takes calibration_data_min_length but never passes it on:
         # prepare_dataset keeps its default and drops every example of <= 10 tokens (measured: 6
@@ -168,9 +168,18 @@ def quantize_llm(llm_dir, out_dir, examples, *, method: str = "gptq", bits: int 
                                 "through the inputs_embeds hook", hint=f"use gptqmodel {GPTQMODEL_VERSION}")
         gm.save(str(out))
     _fix_format_field(out)
+    keep_generation_config(llm_dir, out)
     return {"method": method, "bits": bits, "group_size": group_size, "sym": sym, "desc_act": False,
             "tool": f"gptqmodel {version}", "examples_sha256": _examples_hash(examples),
             "calibration": calib_record or {}}
+
+
+def keep_generation_config(src_dir, out_dir) -> None:
+    """The quantized checkpoint generates as its source did: gptqmodel's save writes its own
+    generation_config.json (``do_sample: true`` seen on a greedy source); the source's replaces it."""
+    src = Path(src_dir) / "generation_config.json"
+    if src.is_file():
+        shutil.copyfile(src, Path(out_dir) / "generation_config.json")
 
 
 def _fix_format_field(out: Path) -> None:

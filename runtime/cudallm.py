@@ -1,7 +1,7 @@
 """The fast Llama on an NVIDIA GPU (engine "cuda"): torch's CUDA int4 kernel, bf16, a static
 KV cache in device memory and the decode step replayed as one CUDA graph.
 
-The same ib-edge int4 bundle as the CPU engines (``runtime/fastllm.py``: portable nibbles, low
+The same ib-edge int4 bundle as the CPU engines (``runtime/int4.py``, ``runtime/llama.py``: portable nibbles, low
 nibble = even k; fp32 scales; integer zero points; w = (q - zp) * s). At load time each int4
 linear is repacked for tinygemm (``aten._weight_int4pack_mm``, compiled for compute capability
 >= 8.0: Ampere, Orin's 8.7, Hopper), whose conventions, read from
@@ -15,7 +15,7 @@ linear is repacked for tinygemm (``aten._weight_int4pack_mm``, compiled for comp
   dequantized as bf16 fma((q - 8), scale, zero) (``__hfma2``), i.e. the zero point is a float
   offset. From integer zero points: (q - zp) * s == (q - 8) * s + (8 - zp) * s, so z = (8 - zp) * s,
   exact in real arithmetic; storing s and z in bf16 (the kernel reads bf16 pairs) rounds them, as
-  the CPU engine's kernel does with the same numbers (``fastllm.Int4Linear.from_int4``).
+  the CPU engine's kernel does with the same numbers (``int4.Int4Linear.from_int4``).
 
 ``tinygemm_inputs`` (the layout transform fed to the packer) and ``reference_dequant`` (a pure
 torch dequantizer with the kernel's semantics) are device-agnostic and tested on CPU.
@@ -28,7 +28,7 @@ The only host sync per token is the decode loop reading the sampled id. On ``dev
 same model runs eagerly with the CPU int4 kernel: that is how CI and ``bench/gpu_check.py
 --cpu-rehearsal`` exercise this file without a GPU.
 
-Greedy, sampling, beams and streaming are fastllm's own loops (``generate``/``beam_search``).
+Greedy, sampling, beams and streaming are ``runtime/decode.py``'s loops (``generate``/``beam_search``).
 """
 from __future__ import annotations
 
@@ -37,8 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import BundleError, InputError
-from .fastllm import (KERNEL_GROUP_SIZES, LinearSpec, LlamaArgs, ModelSpec, StaticKVCache, rope_freqs,
-                      unpack_nibbles)
+from .decode import StaticKVCache
+from .formats import CPU_ENGINES, KERNEL_GROUP_SIZES
+from .int4 import unpack_nibbles
+from .llama import LinearSpec, LlamaArgs, ModelSpec, rope_freqs
 
 MIN_CAPABILITY = (8, 0)       # int4mm.cu: __CUDA_ARCH__ >= 800
 INNER_K_TILES = (8, 4, 2)     # 16/8/4-byte loads per lane: the widest that divides K wins
@@ -61,12 +63,11 @@ def cuda_unavailable_reason() -> str | None:
 
 def resolve_llm_engine(engine: str | None, device: str | None, unavailable: str | None = "probe") -> str | None:
     """The fast-path engine for ``--llm-engine`` and ``--device``: "cuda", a CPU engine ("ort",
-    "torch") or None (fastllm.pick_engine chooses among the CPU engines). Default device: cuda
+    "torch") or None (engines.pick_engine chooses among the CPU engines). Default device: cuda
     when usable, else the CPU. ``unavailable`` is ``cuda_unavailable_reason()``'s answer
     (probed when left at "probe"; tests pass it). Contradictions and a missing GPU raise
     InputError naming the fix."""
-    from .fastllm import ENGINES
-
+    ENGINES = CPU_ENGINES
     if device is not None and device not in DEVICES:
         raise InputError(f"--device must be cuda or cpu, not {device!r}")
     if engine is not None and engine not in ENGINES + ("cuda",):

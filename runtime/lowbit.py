@@ -8,7 +8,7 @@ metadata gives ``format``, ``format_version`` and ``group_size``. Per linear ``{
 one of:
 
 - int4: ``{name}.qweight`` uint8 [N, K/2], ``{name}.scales`` fp32 [N, K/G], ``{name}.qzeros``
-  uint8 [N, K/G] (the ib-edge-int4 layout, see ``runtime.fastllm``);
+  uint8 [N, K/G] (the ib-edge-int4 layout, see ``runtime.int4``);
 - int8: ``{name}.int8_weight`` int8 [N, K] and ``{name}.int8_scales`` fp32 [N] (symmetric per
   output channel, w = q * scale);
 - fp32: ``{name}.weight`` as transformers names it;
@@ -17,24 +17,22 @@ plus ``{name}.bias`` when the linear has one, and every other tensor (embeddings
 relative attention bias) in fp32 under its transformers name.
 
 Kernels: int8 ``aten._weight_int8pack_mm`` (bf16 activations; with fp32 activations it takes a
-slow path, measured 15 ms vs 2.0 ms for a 5632x2048 GEMV), int4 ``fastllm.Int4Linear``. Both
+slow path, measured 15 ms vs 2.0 ms for a 5632x2048 GEMV), int4 ``int4.Int4Linear``. Both
 cast activations to bf16 and back: bf16 keeps fp32's exponent range, so T5's large FFN
 activations (the FP16 overflow) cannot overflow here.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import BundleError
-from .fastllm import Int4Linear
+from .formats import WO_FORMAT, WO_FORMAT_VERSION
+from .int4 import Int4Linear, read_config, read_tensors
 
-WO_FORMAT = "ib-edge-weight-only"
-WO_FORMAT_VERSION = "1"
-PRECISIONS = ("int4", "int8", "fp32")
+LINEAR_PRECISIONS = ("int4", "int8", "fp32")  # of one linear, lowest first
 
 
 class Int8Linear(nn.Module):
@@ -73,7 +71,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 class HFInt4Linear(Int4Linear):
-    """fastllm's Int4Linear where transformers code looks for ``.weight`` (T5's FFN checks
+    """``int4.Int4Linear`` where transformers code looks for ``.weight`` (T5's FFN checks
     ``isinstance(wo.weight, torch.Tensor)`` before casting): there is no float weight."""
 
     weight = None
@@ -118,44 +116,23 @@ def swap_linears(model: nn.Module, tensors: dict[str, torch.Tensor], group_size:
     return out
 
 
-def read_weight_only(model_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], int | None]:
-    """(config dict, tensors, group size) of an ib-edge-weight-only directory; refuses others."""
-    from safetensors import safe_open
-
-    d = Path(model_dir)
-    try:
-        cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise BundleError(f"cannot read the LLM's config.json: {e}") from None
-    files = sorted(d.glob("*.safetensors"))
-    if not files:
-        raise BundleError(f"no safetensors in {d}")
-    tensors: dict[str, torch.Tensor] = {}
-    group_size = None
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            meta = sf.metadata() or {}
-            if meta.get("format") != WO_FORMAT:
-                raise BundleError(f"{f.name}: format {meta.get('format')!r}, expected {WO_FORMAT!r}",
-                                  hint="re-export the bundle")
-            if meta.get("format_version") != WO_FORMAT_VERSION:
-                raise BundleError(f"{f.name}: {WO_FORMAT} version {meta.get('format_version')!r}, this runtime "
-                                  f"reads {WO_FORMAT_VERSION}", hint="re-export the bundle")
-            if meta.get("group_size"):
-                group_size = int(meta["group_size"])
-            for k in sf.keys():
-                tensors[k] = sf.get_tensor(k)
+def read_weight_only(model_dir: str | Path, files: list[Path] | None = None
+                     ) -> tuple[dict, dict[str, torch.Tensor], int | None]:
+    """(config dict, tensors, group size) of an ib-edge-weight-only directory; refuses others.
+    ``files``: the safetensors to read (a bundle passes what its manifest lists)."""
+    cfg = read_config(model_dir)
+    tensors, group_size = read_tensors(model_dir, WO_FORMAT, WO_FORMAT_VERSION, required=True, files=files)
     return cfg, tensors, group_size
 
 
-def load_weight_only(model_dir: str | Path, *, encoder_decoder: bool) -> nn.Module:
+def load_weight_only(model_dir: str | Path, *, encoder_decoder: bool, files: list[Path] | None = None) -> nn.Module:
     """A transformers model (AutoModelForSeq2SeqLM / AutoModelForCausalLM from config.json) with
     its stored low-bit linears swapped in and every other weight loaded in fp32."""
     import transformers
     from transformers.initialization import no_init_weights
 
-    _, tensors, group_size = read_weight_only(model_dir)
-    config = transformers.AutoConfig.from_pretrained(str(model_dir))
+    _, tensors, group_size = read_weight_only(model_dir, files)
+    config = transformers.AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
     auto = transformers.AutoModelForSeq2SeqLM if encoder_decoder else transformers.AutoModelForCausalLM
     with no_init_weights():  # every weight is loaded below; skip random init
         model = auto.from_config(config, dtype=torch.float32)

@@ -1,9 +1,9 @@
 """The fast LLM's whole decoder step as one ONNX Runtime graph (onnxruntime-genai style).
 
-Same weights, same interface as ``fastllm.FastLlama`` (forward(inputs_embeds, start) -> last
-position's logits, a static KV cache, expand/reorder for beams), so ``fastllm.generate`` and
-``fastllm.beam_search`` drive either. Built in memory at load time from the same bundle files
-(the int4 layout of ``fastllm`` maps 1:1 onto ``MatMulNBits``), nothing extra stored.
+Same weights, same interface as ``llama.FastLlama`` (``decode.DecoderEngine``: forward(inputs_embeds,
+start) -> last position's logits, a static KV cache, expand/reorder for beams), so ``decode.generate``
+and ``decode.beam_search`` drive either. Built in memory at load time from the same bundle files
+(the int4 layout of ``runtime.int4`` maps 1:1 onto ``MatMulNBits``), nothing extra stored.
 
 Per layer: SimplifiedLayerNormalization (RMSNorm) -> fused q/k/v ``MatMulNBits`` ->
 ``GroupQueryAttention`` (rotary inside, KV cache in BNSH with past and present bound to the same
@@ -24,15 +24,30 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from .decode import StaticKVCache
 from .errors import BundleError, InputError
-from .fastllm import StaticKVCache, ort_cannot_run, pack_nibbles, rope_freqs
+from .int4 import pack_nibbles
+from .llama import LlamaArgs, ModelSpec, rope_freqs
 
 ACCURACY_LEVEL = 4          # MatMulNBits: int8 activations x int4 weights (the fast CPU path)
 _PLACEHOLDER = "ib-edge-in-memory"
 
 
+def ort_cannot_run(a: LlamaArgs, spec: ModelSpec) -> str | None:
+    """Why the ONNX Runtime engine cannot run this model (None when it can)."""
+    if a.hd % 16:
+        return f"head dim {a.hd} is not a multiple of 16 (ONNX Runtime's GroupQueryAttention)"
+    if a.n_heads % a.n_kv_heads:
+        return f"{a.n_heads} attention heads are not a multiple of {a.n_kv_heads} key/value heads"
+    for g in {s.group_size for l in spec.layers for s in (l.qkv, l.o, l.gate_up, l.down, spec.head)
+              if s.kind == "int4"}:
+        if g < 16 or g & (g - 1):
+            return f"int4 group size {g} is not a power of two >= 16 (ONNX Runtime's MatMulNBits)"
+    return None
+
+
 def _nbits(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, group: int):
-    """fastllm's portable int4 (qweight uint8 [N, K/2] low nibble = even k, scales [N, K/G],
+    """The portable int4 (qweight uint8 [N, K/2] low nibble = even k, scales [N, K/G],
     qzeros uint8 [N, K/G]) -> MatMulNBits' B [N, K/G, G/2], scales [N, K/G], packed zero points
     [N, ceil(K/G / 2)] (low nibble = even block)."""
     n, k = qweight.shape[0], qweight.shape[1] * 2
@@ -91,7 +106,7 @@ class _Graph:
         return self.op("SimplifiedLayerNormalization", [x, self.weight(tag, w.float().numpy())], axis=-1, epsilon=eps)
 
 
-def build_graph(a, specs):
+def build_graph(a: LlamaArgs, specs: ModelSpec):
     """The decoder-step ONNX model (weights as external placeholders) and its weight arrays."""
     g = _Graph()
     f, i32 = TensorProto.FLOAT, TensorProto.INT32
@@ -137,11 +152,11 @@ def build_graph(a, specs):
 
 class OrtLlama(StaticKVCache):
     """forward(inputs_embeds [B, T, D], start) -> logits of the last position [B, V], filling the
-    static KV cache at positions start..start+T-1 (as ``fastllm.FastLlama``; a chunk after a
+    static KV cache at positions start..start+T-1 (as ``llama.FastLlama``; a chunk after a
     prefix, start > 0 and T > 1, only at batch 1: GroupQueryAttention's limit)."""
     engine = "ort"
 
-    def __init__(self, a, specs, threads: int | None = None):
+    def __init__(self, a: LlamaArgs, specs: ModelSpec, threads: int | None = None):
         import onnxruntime as ort
 
         why = ort_cannot_run(a, specs)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .embed_cache import EmbedCache
 from .errors import InputError
 from .manifest import MANIFEST, Manifest, sha256_file
 from .preprocess import PromptEncoder, load_image, pixel_values
@@ -54,38 +55,49 @@ class Result:
 
 class Pipeline:
     def __init__(self, manifest: Manifest, providers=None, threads: int | None = None,
-                 llm_engine: str | None = None, device: str | None = None):
+                 llm_engine: str | None = None, verify: bool = True, device: str | None = None):
         self.manifest = manifest
         self.llm_engine = llm_engine
-        if manifest.artifact("llm").get("backend") == "fastllm":  # --device: runtime/cudallm.py
+        self._verify = verify
+        if manifest.record("llm").backend == "fastllm":  # --device: runtime/cudallm.py
             from .cudallm import resolve_llm_engine
 
             self.llm_engine = resolve_llm_engine(llm_engine, device)
         elif device == "cuda":
             raise InputError("--device cuda runs fast-path (fastllm) LLM bundles; this bundle's LLM backend is "
-                             f"{manifest.artifact('llm').get('backend')!r}", hint="drop --device or re-export "
-                             "with --llm-quant")
+                             f"{manifest.record('llm').backend!r}", hint="drop --device or re-export with --llm-quant")
         tok = manifest.data["tokenizers"]
         self.prompts = PromptEncoder(manifest.path(tok["llm"]), manifest.path(tok["qformer"]), manifest.model)
         self.vision = make_stage(manifest, "vision", providers, threads)
         self.qformer = make_stage(manifest, "qformer", providers, threads)
         self._llm = None
         self._threads = threads
+        self.embed_cache: EmbedCache | None = None  # set one to reuse image_embeds across calls
 
     @classmethod
     def load(cls, bundle_dir: str | os.PathLike | None = None, *, providers=None, threads: int | None = None,
              verify: bool = True, llm_engine: str | None = None, device: str | None = None) -> "Pipeline":
-        """Read the manifest, check every artifact's sha256, open the stages."""
+        """Read and validate the manifest, check every artifact's sha256 (``verify``), refuse
+        unlisted files in artifact directories and any bundle that names code, open the stages."""
         manifest = Manifest.load(bundle_dir if bundle_dir is not None else default_bundle_dir())
         if verify:
             manifest.verify()
-        return cls(manifest, providers, threads, llm_engine, device)
+        else:
+            manifest.check_listed()
+        manifest.refuse_code()
+        return cls(manifest, providers, threads, llm_engine, verify, device)
 
     @property
     def llm(self):
         if self._llm is None:  # torch/transformers load only when text is generated
-            if self.manifest.artifact("llm").get("backend") == "fastllm":
-                from .fastllm import FastLLM
+            # the LLM is read now, maybe long after load(): check again what is about to be read
+            if self._verify:
+                self.manifest.reverify("llm")
+            else:
+                self.manifest.check_listed(["llm"])
+            self.manifest.refuse_code()
+            if self.manifest.record("llm").backend == "fastllm":
+                from .llm import FastLLM
 
                 self._llm = FastLLM(self.manifest, self._threads, self.llm_engine)
             else:
@@ -99,6 +111,8 @@ class Pipeline:
         return pixel_values([load_image(i) for i in images], self.manifest.preprocess)
 
     def image_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
+        if self.embed_cache is not None:  # cached rows reused, the rest in one vision call
+            return self.embed_cache.embeds(pixel_values, lambda pv: self.vision(pixel_values=pv)["image_embeds"])
         return self.vision(pixel_values=pixel_values)["image_embeds"]
 
     def query_embeds(self, image_embeds: np.ndarray, qformer_input_ids, qformer_attention_mask) -> np.ndarray:
@@ -107,7 +121,9 @@ class Pipeline:
 
     # --- end to end -----------------------------------------------------------------------
     def run(self, image, prompt: str, *, max_new_tokens: int = 32, num_beams: int = 1,
-            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, on_text=None) -> Result:
+            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, on_text=None,
+            min_new_tokens: int = 0) -> Result:
+        """``min_new_tokens``: EOS suppressed before that many tokens (the benchmark's fixed length)."""
         t = {}
         t0 = time.perf_counter()
         enc = self.prompts.encode(prompt, max_new_tokens)
@@ -119,12 +135,13 @@ class Pipeline:
         t3 = time.perf_counter()
         llm = self.llm
         t4 = time.perf_counter()
-        ids = llm.generate(q, enc["input_ids"], enc["attention_mask"], decode=self.prompts.decode,
+        gen = llm.generate(q, enc["input_ids"], enc["attention_mask"], decode=self.prompts.decode,
                            max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature,
-                           top_p=top_p, seed=seed, on_text=on_text)
+                           top_p=top_p, seed=seed, on_text=on_text, min_new_tokens=min_new_tokens)
         t5 = time.perf_counter()
+        ids = gen.token_ids
         t = {"preprocess": (t1 - t0) * 1e3, "vision": (t2 - t1) * 1e3, "qformer": (t3 - t2) * 1e3,
-             "llm_prefill": llm.timings["prefill"], "llm_decode": llm.timings["decode"],
+             "llm_prefill": gen.timings_ms["prefill"], "llm_decode": gen.timings_ms["decode"],
              "total": (t5 - t0 - (t4 - t3)) * 1e3}
         return Result(self.prompts.decode(ids), ids, t)
 

@@ -43,6 +43,15 @@ def bundle_dir(tmp_path_factory, reference_dir):
 
 
 @pytest.fixture(scope="session")
+def rtn_bundle(reference_dir, tmp_path_factory):
+    """The reference Llama with its LLM in int4 (RTN, group 32): the fast-runtime bundle."""
+    from ib_edge.export.bundle import export_bundle
+
+    return export_bundle(str(reference_dir("llama")), tmp_path_factory.mktemp("rtn") / "b", llm_quant="rtn",
+                         group_size=32, quiet=True)
+
+
+@pytest.fixture(scope="session")
 def torch_model():
     cache = {}
 
@@ -101,3 +110,22 @@ def heldout_images():
     seed = int.from_bytes(os.urandom(4), "little")
     scenes = [proof_task.render_scene(np.random.default_rng([0x68656C64, seed, i]))[0] for i in range(4)]
     return photos, scenes
+
+
+# (name, precision, llm_quant) -> bundle of a shipped proof model; here, not in one test file, so
+# test_proof_models and test_serve share one proof-llama export per session.
+@pytest.fixture(scope="session")
+def proof_bundle(tmp_path_factory):
+    from ib_edge.export.bundle import export_bundle
+
+    root = tmp_path_factory.mktemp("proof")
+    cache = {}
+
+    def get(name, precision="fp32", llm_quant=None):
+        key = (name, precision, llm_quant)
+        if key not in cache:
+            cache[key] = export_bundle(name, root / "-".join(map(str, key)), precision=precision,
+                                       llm_quant=llm_quant, quiet=True)
+        return cache[key]
+
+    return get

@@ -58,8 +58,10 @@ def test_refuses_to_replace_non_bundle(reference_dir, tmp_path):
     assert (tmp_path / "docs" / "keep.txt").read_text() == "precious"
 
 
-def test_resolve_model_refs(tmp_path):
-    assert checkpoint.resolve("Salesforce/instructblip-vicuna-7b") == ("Salesforce/instructblip-vicuna-7b", "hub")
+def test_resolve_model_refs(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline and not cached: refused at once (test_export_cli_checks)
+    with pytest.raises(checkpoint.ModelLoadError, match="not in the local hub cache"):
+        checkpoint.resolve("Salesforce/instructblip-vicuna-7b")
     with pytest.raises(checkpoint.ModelLoadError):
         checkpoint.resolve("no-such-model")
     (tmp_path / "empty").mkdir()
@@ -68,7 +70,7 @@ def test_resolve_model_refs(tmp_path):
 
 
 def test_cli_unknown_model_and_offline_hub(tmp_path):
-    for ref, needle in [("no-such-model", "unknown model"), ("Salesforce/instructblip-vicuna-7b", "cannot load")]:
+    for ref, needle in [("no-such-model", "unknown model"), ("Salesforce/instructblip-vicuna-7b", "not in the local hub cache")]:
         proc = subprocess.run([sys.executable, "-m", "ib_edge.export.cli", ref, "--out", str(tmp_path / "x")],
                               capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
                                                                                 "HF_HUB_OFFLINE": "1"})
@@ -92,44 +94,12 @@ def test_tensorrt_backend_records_engines_and_refuses_foreign_platform(reference
     """ib-export --backend tensorrt against a stand-in TensorRT module (the real one cannot be
     installed here): one engine per graph, profiles from the manifest's dynamic axes, ONNX kept
     for rebuilding, and a runtime on another platform refuses with the rebuild command."""
-    import types
-
-    import onnx
-
     from ib_edge.export import tensorrt as trt_build
     from ib_edge.runtime import BundleError, Pipeline
 
     from .test_tensorrt import fake_tensorrt
 
-    trt = fake_tensorrt()
-
-    class Net:
-        def __init__(self):
-            self.ins = []
-
-        @property
-        def num_inputs(self):
-            return len(self.ins)
-
-        def get_input(self, i):
-            return self.ins[i]
-
-    class Parser:
-        def __init__(self, network, logger):
-            self.net, self.num_errors = network, 0
-
-        def parse_from_file(self, path):
-            g = onnx.load(path, load_external_data=False).graph
-            self.net.ins = [types.SimpleNamespace(name=i.name, shape=tuple(d.dim_value or -1 for d in
-                                                                            i.type.tensor_type.shape.dim))
-                            for i in g.input]
-            return True
-
-    class Builder(trt.Builder):
-        def create_network(self, flags):
-            return Net()
-
-    trt.Builder, trt.OnnxParser = Builder, Parser
+    trt = fake_tensorrt(inputs="onnx")
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     ident = {"tensorrt": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7", "l4t": "R36.3.0"}
     monkeypatch.setattr(trt_build, "platform_identity", lambda **kw: dict(ident))
@@ -138,15 +108,23 @@ def test_tensorrt_backend_records_engines_and_refuses_foreign_platform(reference
     m = json.loads((out / "manifest.json").read_text())
     for stage in ("vision", "qformer"):
         art = m["artifacts"][stage]
-        assert art["backend"] == "tensorrt" and art["file"] == f"{stage}.engine" and art["onnx"] == f"{stage}.onnx"
-        assert {f"{stage}.engine", f"{stage}.onnx"} <= set(art["files"])
+        # built from the validated INT8-over-FP16 graph; the CPU's fp32 Q/DQ graph stays listed
+        built = f"{stage}.trt-int8.onnx"
+        assert art["backend"] == "tensorrt" and art["file"] == f"{stage}.engine" and art["onnx"] == built
+        assert {f"{stage}.engine", f"{stage}.onnx", built} <= set(art["files"])
         assert art["engine"]["compute_capability"] == "8.7" and art["engine"]["precision"] == "int8"
-        assert art["engine"]["workspace_mb"] == 512
+        assert art["engine"]["workspace_mb"] == 512 and art["engine"]["strongly_typed"]
+        graph = art["engine"]["graph"]
+        assert (graph["file"], graph["precision"], graph["conversion"]["from"]) == (built, "int8+fp16", f"{stage}.onnx")
+        assert graph["drift"]["cosine_mean"] >= 0.995 and graph["drift"]["cosine_min"] >= 0.98
     q = m["artifacts"]["qformer"]["engine"]["profiles"]["qformer_input_ids"]
     assert q == {"min": [1, 1], "opt": [1, 16], "max": [2, 64]}
     v = m["artifacts"]["vision"]["engine"]["profiles"]["pixel_values"]
     assert v["max"] == [2, 3, 96, 96]
-    assert (trt_build_flags := [c[1] for c in trt.calls if c[0] == "set_flag"]) and "INT8" in trt_build_flags
+    assert m["artifacts"]["qformer"]["engine"]["graph"]["chain_drift"]["cosine_min"] >= 0.98
+    assert [c for c in trt.calls if c[0] == "set_flag"] == []  # strongly typed: no precision flags
+    assert [c[1].rsplit("/", 1)[-1] for c in trt.calls if c[0] == "parse_from_file"] == [
+        "vision.trt-int8.onnx", "qformer.trt-int8.onnx"]
     with pytest.raises(BundleError) as err:  # this machine has no GPU: not the engine's platform
         Pipeline.load(out)
     assert "ib-export" in err.value.line() and "--backend tensorrt" in err.value.line()

@@ -8,12 +8,13 @@ import json
 import pytest
 import torch
 
-from ib_edge.runtime import InputError, cudallm, fastllm
+from ib_edge.bench import decode as bench_decode
+from ib_edge.runtime import InputError, cudallm, decode, engines, formats, int4, llama
 from ib_edge.runtime.errors import BundleError
 
 NO_CUDA = cudallm.cuda_unavailable_reason()
 needs_cuda = pytest.mark.skipif(NO_CUDA is not None, reason=f"the CUDA int4 kernel cannot run here: {NO_CUDA}")
-GQA = fastllm.LlamaArgs(vocab_size=300, hidden_size=128, n_layers=2, n_heads=4, n_kv_heads=2,
+GQA = llama.LlamaArgs(vocab_size=300, hidden_size=128, n_layers=2, n_heads=4, n_kv_heads=2,
                         intermediate_size=192, max_positions=128)
 
 
@@ -22,7 +23,7 @@ def _portable(n, k, g, seed=0, scale=None):
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
     s = scale if scale is not None else 0.01 * (1 + torch.rand(n, k // g, generator=gen))
     zp = torch.randint(0, 16, (n, k // g), dtype=torch.uint8, generator=gen)
-    return q, fastllm.pack_nibbles(q), s, zp
+    return q, int4.pack_nibbles(q), s, zp
 
 
 def test_tinygemm_inputs_nibble_order_and_padding():
@@ -30,7 +31,7 @@ def test_tinygemm_inputs_nibble_order_and_padding():
     the kernel's N tile with weights that dequantize to 0; scales_and_zeros is [K/G, Np, 2] bf16."""
     q = torch.zeros(3, 32, dtype=torch.uint8)
     q[0, 0], q[0, 1], q[2, 30], q[2, 31] = 1, 2, 7, 12
-    u8, sz = cudallm.tinygemm_inputs(fastllm.pack_nibbles(q), torch.full((3, 1), 0.5), torch.full((3, 1), 3,
+    u8, sz = cudallm.tinygemm_inputs(int4.pack_nibbles(q), torch.full((3, 1), 0.5), torch.full((3, 1), 3,
                                      dtype=torch.uint8), 32, n_align=8)
     assert u8.dtype == torch.uint8 and u8.shape == (8, 16) and sz.shape == (1, 8, 2) and sz.dtype == torch.bfloat16
     assert int(u8[0, 0]) == 0x12 and int(u8[2, 15]) == 0x7C and int(u8[1, 3]) == 0x00
@@ -45,7 +46,7 @@ def test_tinygemm_inputs_nibble_order_and_padding():
 def test_zero_point_conversion_is_exact_where_bf16_holds_the_numbers():
     """z = (8 - zp) * s: the kernel's (q - 8) * s + z equals (q - zp) * s exactly when s is a power
     of two (every product then fits bf16), for every zero point 0..15 and group size."""
-    for g in fastllm.KERNEL_GROUP_SIZES:
+    for g in formats.KERNEL_GROUP_SIZES:
         n, k = 16, 2 * g
         gen = torch.Generator().manual_seed(g)
         s = 2.0 ** torch.randint(-12, -2, (n, k // g), generator=gen).float()
@@ -68,9 +69,9 @@ def test_zero_point_conversion_rounding_is_bounded_and_the_cpu_kernels():
     bound = 2.0 ** -8 * (rep((8 - zp.float()) * s).abs() + 8 * rep(s) + exact.abs()) + 1e-12
     assert bool(((w - exact).abs() <= bound).all())
     eye = torch.eye(k, dtype=torch.bfloat16)
-    cpu = fastllm.Int4Linear.from_int4(packed, s, zp, g)(eye)       # the torch engine's layer: columns of W.T
+    cpu = int4.Int4Linear.from_int4(packed, s, zp, g)(eye)       # the torch engine's layer: columns of W.T
     assert torch.equal(cpu.t().float(), w)
-    spec = fastllm.LinearSpec("int4", qweight=packed, scales=s, qzeros=zp, group_size=g)
+    spec = llama.LinearSpec("int4", qweight=packed, scales=s, qzeros=zp, group_size=g)
     ours = cudallm.TinygemmLinear(spec, torch.device("cpu"))(eye)   # our unpacking of the swapped bytes
     assert torch.equal(ours.t().float(), w)
 
@@ -87,8 +88,8 @@ def test_inner_k_tiles_and_refusals():
 
 
 def _pair(a, group=64, seed=0):
-    t = fastllm.random_int4_tensors(a, group, seed, scale_spread=1.0)
-    return fastllm.assemble(a, dict(t), group, "torch"), cudallm.CudaLlama(a, fastllm.collect(a, dict(t), group),
+    t = bench_decode.random_int4_tensors(a, group, seed, scale_spread=1.0)
+    return engines.assemble(a, dict(t), group, "torch"), cudallm.CudaLlama(a, llama.collect(a, dict(t), group),
                                                                            device="cpu")
 
 
@@ -108,14 +109,14 @@ def test_cuda_engine_on_the_cpu_kernel_matches_the_torch_engine():
         x = ref.embed.weight[pos].view(1, 1, -1)
         cos.append(float(torch.nn.functional.cosine_similarity(ref(x, pos)[0], m(x, pos)[0], dim=0)))
     assert min(cos) >= 0.9999, cos
-    long_ids = fastllm.generate(m, emb, max_new_tokens=10)
-    assert long_ids == fastllm.generate(ref, emb, max_new_tokens=10)
+    long_ids = decode.generate(m, emb, max_new_tokens=10)
+    assert long_ids == decode.generate(ref, emb, max_new_tokens=10)
     short = emb[:, :5]
-    assert fastllm.generate(m, short, max_new_tokens=6) == fastllm.generate(ref, short, max_new_tokens=6)
-    assert fastllm.beam_search(m, emb, num_beams=3, max_new_tokens=6) == \
-        fastllm.beam_search(ref, emb, num_beams=3, max_new_tokens=6)
+    assert decode.generate(m, short, max_new_tokens=6) == decode.generate(ref, short, max_new_tokens=6)
+    assert decode.beam_search(m, emb, num_beams=3, max_new_tokens=6) == \
+        decode.beam_search(ref, emb, num_beams=3, max_new_tokens=6)
     kw = dict(max_new_tokens=8, temperature=0.9, top_p=0.8, seed=5)
-    assert fastllm.generate(m, emb, **kw) == fastllm.generate(ref, emb, **kw)
+    assert decode.generate(m, emb, **kw) == decode.generate(ref, emb, **kw)
     assert m.k_cache[0].dtype == torch.bfloat16 and m.embed(torch.tensor([1, 2])).dtype == torch.float32
     with pytest.raises(InputError, match="past the KV cache"):
         m(emb, m.max_len)
@@ -167,7 +168,7 @@ def test_tinygemm_on_the_gpu_matches_the_reference_dequantizer():
         n = 40
         _, packed, s, zp = _portable(n, k, g, seed=g)
         w = cudallm.reference_dequant(*cudallm.tinygemm_inputs(packed, s, zp, g), g)[:n]
-        spec = fastllm.LinearSpec("int4", qweight=packed, scales=s, qzeros=zp, group_size=g)
+        spec = llama.LinearSpec("int4", qweight=packed, scales=s, qzeros=zp, group_size=g)
         lin = cudallm.TinygemmLinear(spec, torch.device("cuda"))
         got = lin(torch.eye(k, dtype=torch.bfloat16, device="cuda")).t().cpu()
         assert torch.equal(got, w), (g, k)
@@ -177,13 +178,13 @@ def test_tinygemm_on_the_gpu_matches_the_reference_dequantizer():
 def test_cuda_engine_on_the_gpu_with_graphs():
     """On a GPU: one graph capture per cache serves every decode step; logits agree with the CPU
     torch engine (cosine >= 0.999 every step) and so do greedy and beam tokens."""
-    t = fastllm.random_int4_tensors(GQA, 64, 0, scale_spread=1.0)
-    ref = fastllm.assemble(GQA, dict(t), 64, "torch")
-    m = fastllm.assemble(GQA, dict(t), 64, "cuda")
+    t = bench_decode.random_int4_tensors(GQA, 64, 0, scale_spread=1.0)
+    ref = engines.assemble(GQA, dict(t), 64, "torch")
+    m = engines.assemble(GQA, dict(t), 64, "cuda")
     assert m.engine == "cuda" and m.graphs and m.k_cache == []
     emb = ref.embed(torch.randint(0, GQA.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)))
-    ids = fastllm.generate(ref, emb, max_new_tokens=12)
-    assert fastllm.generate(m, emb, max_new_tokens=12) == ids and m.captures == 1
+    ids = decode.generate(ref, emb, max_new_tokens=12)
+    assert decode.generate(m, emb, max_new_tokens=12) == ids and m.captures == 1
     for model in (ref, m):
         model.setup_cache(40)
     cos = [float(torch.nn.functional.cosine_similarity(ref(emb, 0)[0], m(emb, 0)[0].cpu(), dim=0))]
@@ -197,8 +198,8 @@ def test_cuda_engine_on_the_gpu_with_graphs():
         m(m.embed.weight[1].view(1, 1, -1), 30)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert fastllm.beam_search(m, emb, num_beams=3, max_new_tokens=6) == \
-        fastllm.beam_search(ref, emb, num_beams=3, max_new_tokens=6)
+    assert decode.beam_search(m, emb, num_beams=3, max_new_tokens=6) == \
+        decode.beam_search(ref, emb, num_beams=3, max_new_tokens=6)
 
 
 def test_gpu_check_cpu_rehearsal(rtn_bundle, tmp_path):

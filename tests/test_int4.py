@@ -1,4 +1,4 @@
-"""The fast CPU LLM path (runtime/fastllm.py) and int4 weights (quant/int4.py).
+"""The fast CPU LLM path (runtime/int4.py, decode.py, llama.py, engines.py, llm.py) and int4 weights (quant/int4.py).
 
 Expected values: the fp32 fast path reproduces transformers' greedy tokens exactly (logits
 differ by ~1e-6); the int4 kernel matches x @ dequant(W).T within bf16 rounding (cosine
@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from ib_edge.quant import int4
-from ib_edge.runtime import fastllm
+from ib_edge.bench import decode as decode_bench
+from ib_edge.runtime import decode, engines, formats, llm
+from ib_edge.runtime import int4 as rt_int4
 from ib_edge.runtime.errors import InputError
 
 
@@ -52,17 +54,17 @@ def _saved(lm, path):
     return path
 
 
-@pytest.mark.parametrize("engine", fastllm.ENGINES)
+@pytest.mark.parametrize("engine", engines.ENGINES)
 @pytest.mark.parametrize("which", ["reference_lm", "gqa_lm"])
 def test_fp32_fast_path_matches_transformers_greedy(which, engine, request, tmp_path):
     lm = request.getfixturevalue(which)
-    fast = fastllm.load(_saved(lm, tmp_path / "fp32"), engine)
+    fast = engines.load(_saved(lm, tmp_path / "fp32"), engine)
     for seed in range(3):
         emb = _embeds(lm, seed=seed)
         with torch.no_grad():
             ref = lm.generate(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long),
                               max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
-        ours = fastllm.generate(fast, emb, max_new_tokens=24)
+        ours = decode.generate(fast, emb, max_new_tokens=24)
         assert ours == ref[0].tolist(), f"seed {seed}"
         fast.setup_cache(64)
         with torch.no_grad():
@@ -75,7 +77,7 @@ def test_int4_matmul_matches_dequantized_reference(n, k, g):
     w = torch.randn(n, k) * 0.05
     qw = int4.quantize_rtn(w, g)
     t = qw.tensors("w")
-    lin = fastllm.Int4Linear.from_int4(t["w.qweight"], t["w.scales"], t["w.qzeros"], g)
+    lin = rt_int4.Int4Linear.from_int4(t["w.qweight"], t["w.scales"], t["w.qzeros"], g)
     x = torch.randn(5, k).bfloat16().float()
     y = lin(x)
     assert y.shape == (5, n) and y.dtype == torch.float32
@@ -96,7 +98,7 @@ def test_rtn_error_within_half_step():
     err = (qw.dequantize() - w).abs()
     assert bool((err <= qw.scales.repeat_interleave(64, 1) / 2 + 1e-6).all())
     assert int(qw.q.max()) <= 15 and int(qw.zeros.max()) <= 15
-    assert torch.equal(fastllm.unpack_nibbles(fastllm.pack_nibbles(qw.q)), qw.q)
+    assert torch.equal(rt_int4.unpack_nibbles(rt_int4.pack_nibbles(qw.q)), qw.q)
 
 
 def _pack_int32(v: torch.Tensor, dim: int, order=None) -> torch.Tensor:
@@ -141,16 +143,16 @@ def test_awq_tensors_convert_exactly():
 def test_rtn_int4_model_logits_close_to_fp32(reference_lm, tmp_path):
     src = _saved(reference_lm, tmp_path / "fp32")
     rec = int4.quantize_model_dir(src, tmp_path / "int4", group_size=32)
-    assert rec["format"] == fastllm.INT4_FORMAT and rec["quantized_linears"] == 2 * 7 + 1
-    fp, q = fastllm.load(src, "torch"), fastllm.load(tmp_path / "int4", "torch")
-    assert isinstance(q.lm_head, fastllm.Int4Linear) and isinstance(q.layers[0].w13, fastllm.Int4Linear)
+    assert rec["format"] == formats.INT4_FORMAT and rec["quantized_linears"] == 2 * 7 + 1
+    fp, q = engines.load(src, "torch"), engines.load(tmp_path / "int4", "torch")
+    assert isinstance(q.lm_head, rt_int4.Int4Linear) and isinstance(q.layers[0].w13, rt_int4.Int4Linear)
     cos, agree = [], []
     for seed in range(4):
         emb = _embeds(reference_lm, seed=seed)
         fp.setup_cache(32)
         q.setup_cache(32)
         cos.append(_cos(fp(emb, 0), q(emb, 0)))
-        a, b = fastllm.generate(fp, emb, max_new_tokens=8), fastllm.generate(q, emb, max_new_tokens=8)
+        a, b = decode.generate(fp, emb, max_new_tokens=8), decode.generate(q, emb, max_new_tokens=8)
         agree.append(a[0] == b[0])
     # random Gaussian weights are int4's hard case (no structure): measured mean 0.987, worst 0.979
     # at group 32 over 8 prompts; trained weights score higher (notes §5: GPTQ/RTN >= 0.999)
@@ -158,22 +160,29 @@ def test_rtn_int4_model_logits_close_to_fp32(reference_lm, tmp_path):
     assert sum(agree) >= 2, agree
 
 
-@pytest.mark.parametrize("engine", fastllm.ENGINES)
+@pytest.mark.parametrize("engine", engines.ENGINES)
 def test_sampling_seeded_and_nucleus(gqa_lm, engine, tmp_path):
-    fast = fastllm.load(_saved(gqa_lm, tmp_path / "m"), engine)
+    fast = engines.load(_saved(gqa_lm, tmp_path / "m"), engine)
     emb = _embeds(gqa_lm)
-    a = fastllm.generate(fast, emb, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5)
-    b = fastllm.generate(fast, emb, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5)
+    a = decode.generate(fast, emb, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5)
+    b = decode.generate(fast, emb, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5)
     assert a == b
-    greedy = fastllm.generate(fast, emb, max_new_tokens=12)
-    assert fastllm.generate(fast, emb, max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=1) == greedy
+    greedy = decode.generate(fast, emb, max_new_tokens=12)
+    assert decode.generate(fast, emb, max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=1) == greedy
     eos = greedy[3]
-    assert fastllm.generate(fast, emb, max_new_tokens=12, eos_ids=[eos])[-1] == eos
+    assert decode.generate(fast, emb, max_new_tokens=12, eos_ids=[eos])[-1] == eos
     with pytest.raises(InputError, match="positions"):
-        fastllm.generate(fast, emb, max_new_tokens=1000)
+        decode.generate(fast, emb, max_new_tokens=1000)
 
 
-@pytest.mark.parametrize("engine", fastllm.ENGINES)
+def _listed(d):
+    """The manifest ``files`` record of an LLM directory (loaders read only listed files)."""
+    from ib_edge.runtime.manifest import sha256_file
+
+    return {f"llm/{p.name}": sha256_file(p) for p in sorted(d.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("engine", engines.ENGINES)
 def test_fast_llm_stage_matches_transformers_stage(reference_lm, engine, tmp_path):
     """The runtime stage (query_embeds into the prompt's <image> slots) gives the same tokens
     as runtime.llm.TransformersLLM on the same bundle LLM directory."""
@@ -185,8 +194,8 @@ def test_fast_llm_stage_matches_transformers_stage(reference_lm, engine, tmp_pat
     gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "length_penalty": 2.0, "early_stopping": True}))
     image_id, nq = 5, 4
     model = {"image_token_id": image_id, "is_encoder_decoder": False, "eos_token_id": reference_lm.config.eos_token_id}
-    art = {"dir": "llm", "format": "safetensors", "dtype": "float32"}
-    ours = fastllm.FastLLM(Manifest(tmp_path, {"model": model, "artifacts": {"llm": {**art, "backend": "fastllm"}}}),
+    art = {"dir": "llm", "format": "safetensors", "dtype": "float32", "files": _listed(tmp_path / "llm")}
+    ours = llm.FastLLM(Manifest(tmp_path, {"model": model, "artifacts": {"llm": {**art, "backend": "fastllm"}}}),
                            engine=engine)
     assert ours.engine == engine
     ref = TransformersLLM(Manifest(tmp_path, {"model": model, "artifacts": {"llm": {**art, "backend": "transformers"}}}))
@@ -196,13 +205,14 @@ def test_fast_llm_stage_matches_transformers_stage(reference_lm, engine, tmp_pat
     texts = []
     a = ours.generate(q, ids, mask, decode=lambda t: " ".join(map(str, t)), max_new_tokens=10, on_text=texts.append)
     b = ref.generate(q, ids, mask, decode=lambda t: " ".join(map(str, t)), max_new_tokens=10)
+    assert set(a.timings_ms) == {"prefill", "decode", "new_tokens"}
+    a, b = a.token_ids, b.token_ids
     assert a == b
     assert "".join(texts) == " ".join(map(str, a))
-    assert set(ours.timings) == {"prefill", "decode", "new_tokens"}
     beams = []
     a = ours.generate(q, ids, mask, decode=lambda t: " ".join(map(str, t)), max_new_tokens=10, num_beams=3,
-                      on_text=beams.append)
-    assert a == ref.generate(q, ids, mask, decode=str, max_new_tokens=10, num_beams=3)
+                      on_text=beams.append).token_ids
+    assert a == ref.generate(q, ids, mask, decode=str, max_new_tokens=10, num_beams=3).token_ids
     assert beams == [" ".join(map(str, a))]
     with pytest.raises(InputError, match="beam"):
         ours.generate(q, ids, mask, decode=str, num_beams=2, temperature=0.7)
@@ -217,8 +227,9 @@ def test_fast_llm_beams_take_the_checkpoints_generation_config(reference_lm, tmp
     gen_file = tmp_path / "llm" / "generation_config.json"
     gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "length_penalty": 2.0, "early_stopping": True}))
     model = {"image_token_id": 5, "is_encoder_decoder": False, "eos_token_id": reference_lm.config.eos_token_id}
-    art = {"dir": "llm", "format": "safetensors", "dtype": "float32", "backend": "fastllm"}
-    ours = fastllm.FastLLM(Manifest(tmp_path, {"model": model, "artifacts": {"llm": art}}))
+    art = {"dir": "llm", "format": "safetensors", "dtype": "float32", "backend": "fastllm",
+           "files": _listed(tmp_path / "llm")}
+    ours = llm.FastLLM(Manifest(tmp_path, {"model": model, "artifacts": {"llm": art}}))
     seen = {}
 
     def spy(model, embeds, **kw):
@@ -226,37 +237,37 @@ def test_fast_llm_beams_take_the_checkpoints_generation_config(reference_lm, tmp
         kw["on_prefill"]()
         return [7]
 
-    monkeypatch.setattr(fastllm, "beam_search", spy)
+    monkeypatch.setattr(decode, "beam_search", spy)
     ids = np.array([[5] * 4 + [1, 40, 41]], dtype=np.int64)
     q = np.zeros((1, 4, 128), np.float32)
-    assert ours.generate(q, ids, np.ones_like(ids), decode=str, num_beams=3, max_new_tokens=5) == [7]
+    assert ours.generate(q, ids, np.ones_like(ids), decode=str, num_beams=3, max_new_tokens=5).token_ids == [7]
     assert seen["length_penalty"] == 2.0 and seen["early_stopping"] is True and seen["num_beams"] == 3
 
 
-@pytest.mark.parametrize("engine", fastllm.ENGINES)
+@pytest.mark.parametrize("engine", engines.ENGINES)
 @pytest.mark.parametrize("which", ["reference_lm", "gqa_lm"])
 def test_beam_search_matches_transformers(which, engine, request, tmp_path):
-    """fastllm.beam_search on the static cache against transformers' beam search on the same
+    """decode.beam_search on the static cache against transformers' beam search on the same
     fp32 weights: same tokens, with and without EOS ending beams early."""
     lm = request.getfixturevalue(which)
-    fast = fastllm.load(_saved(lm, tmp_path / "fp32"), engine)
+    fast = engines.load(_saved(lm, tmp_path / "fp32"), engine)
     ended_early = 0
     for seed in range(4):
         emb = _embeds(lm, seed=seed)
-        greedy = fastllm.generate(fast, emb, max_new_tokens=12)
+        greedy = decode.generate(fast, emb, max_new_tokens=12)
         for num_beams, eos in ((2, None), (3, greedy[4]), (4, greedy[2])):
             with torch.no_grad():
                 ref = lm.generate(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long),
                                   max_new_tokens=12, num_beams=num_beams, do_sample=False, eos_token_id=eos,
                                   pad_token_id=0)[0].tolist()
-            ours = fastllm.beam_search(fast, emb, num_beams=num_beams, max_new_tokens=12,
+            ours = decode.beam_search(fast, emb, num_beams=num_beams, max_new_tokens=12,
                                        eos_ids=() if eos is None else (eos,))
             assert ours == ref, f"seed {seed}, {num_beams} beams, eos {eos}"
             ended_early += len(ours) < 12
     assert ended_early, "no beam ended on EOS: the EOS paths were not exercised"
     # transformers' other beam settings, and a single new token
     emb = _embeds(lm, seed=7)
-    eos = fastllm.generate(fast, emb, max_new_tokens=6)[3]
+    eos = decode.generate(fast, emb, max_new_tokens=6)[3]
     for kw in (dict(length_penalty=0.5), dict(length_penalty=2.0), dict(early_stopping=True),
                dict(early_stopping="never", length_penalty=1.5), dict(max_new_tokens=1)):
         n = kw.pop("max_new_tokens", 10)
@@ -264,15 +275,15 @@ def test_beam_search_matches_transformers(which, engine, request, tmp_path):
             ref = lm.generate(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long),
                               max_new_tokens=n, num_beams=3, do_sample=False, eos_token_id=eos, pad_token_id=0,
                               **kw)[0].tolist()
-        assert fastllm.beam_search(fast, emb, num_beams=3, max_new_tokens=n, eos_ids=(eos,), **kw) == ref, (n, kw)
+        assert decode.beam_search(fast, emb, num_beams=3, max_new_tokens=n, eos_ids=(eos,), **kw) == ref, (n, kw)
 
 
 def test_decode_bench_smoke():
-    """The decode benchmark (python -m ib_edge.runtime.fastllm --bench) runs end to end on a tiny
+    """The decode benchmark (python -m ib_edge.bench.decode) runs end to end on a tiny
     shape, with the bitsandbytes NF4 comparison when bitsandbytes is installed."""
     import importlib.util
 
-    res = fastllm.bench("smoke", group_size=64, prompt_len=8, new_tokens=24, hf_tokens=12)
+    res = decode_bench.bench("smoke", group_size=64, prompt_len=8, new_tokens=24, hf_tokens=12)
     assert res["int4_decode_tok_s"] > 0 and res["transformers_fp32_decode_tok_s"] > 0
     assert res["int4_weight_MB_per_token"] > 0 and res["read_bandwidth_GB_s"] > 0
     assert res["engine"] == "ort" and res["torch_engine"]["decode_tok_s"] > 0

@@ -34,7 +34,7 @@ def test_rtn_bundle_manifest_and_runtime(rtn_bundle, bundle_dir):
     assert v["logits_cosine_mean"] >= v["budget"]["min_cosine_mean"] and v["within_budget"] is True
     pipe = Pipeline.load(rtn_bundle)
     ref = Pipeline.load(bundle_dir("llama"))
-    from ib_edge.runtime.fastllm import FastLLM
+    from ib_edge.runtime.llm import FastLLM
     assert isinstance(pipe.llm, FastLLM)
     rng = np.random.default_rng(0)
     cos = []
@@ -153,7 +153,7 @@ def test_gptq_awq_bundle(method, calib, reference_dir, tmp_path):
     source = {"multimodal": "multimodal", "text": "text-only"}[calib]
     assert llm["llm_quant"]["method"] == method and llm["llm_quant"]["calibration"]["source"] == source
     assert (out / llm["hf_checkpoint"]["dir"] / "config.json").is_file()
-    from ib_edge.runtime.fastllm import FastLLM
+    from ib_edge.runtime.llm import FastLLM
 
     pipe = Pipeline.load(out)
     res = pipe.run(Image.new("RGB", (64, 64), (200, 20, 20)), "What color?", max_new_tokens=4)

@@ -14,7 +14,7 @@ pytest.importorskip("gptqmodel", reason="gptqmodel not installed (pip install -c
 
 from ib_edge.quant import int4, llm_quant  # noqa: E402
 from ib_edge.quant.calibration import CalibrationSet  # noqa: E402
-from ib_edge.runtime import fastllm  # noqa: E402
+from ib_edge.runtime import engines  # noqa: E402
 from ib_edge.runtime.manifest import Manifest  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def test_gptqmodel_checkpoint_runs_on_int4_kernel(calib_examples, tmp_path, meth
     assert qc["bits"] == 4 and qc["group_size"] == 32
     conv = int4.convert_quantized_checkpoint(tmp_path / method, tmp_path / f"{method}-int4")
     assert conv["method"] == method and conv["quantized_linears"] == 14
-    fp, q = fastllm.load(bundle / "llm"), fastllm.load(tmp_path / f"{method}-int4")
+    fp, q = engines.load(bundle / "llm"), engines.load(tmp_path / f"{method}-int4")
     cos = []
     for e in ex:
         x = _embeds(fp, e, image_id)

@@ -10,10 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ib_edge.runtime import fastllm
+from ib_edge.bench.decode import random_int4_tensors
+from ib_edge.runtime import engines as eng
+from ib_edge.runtime.int4 import unpack_nibbles
+from ib_edge.runtime.llama import PRESETS, LlamaArgs
 from ib_edge.runtime.errors import BundleError, InputError
 
-ODD = fastllm.LlamaArgs(vocab_size=300, hidden_size=192, n_layers=2, n_heads=6, n_kv_heads=2,
+ODD = LlamaArgs(vocab_size=300, hidden_size=192, n_layers=2, n_heads=6, n_kv_heads=2,
                         intermediate_size=320, max_positions=96)   # 320 / 64 = 5 blocks: odd zero-point packing
 
 
@@ -22,7 +25,7 @@ def _dequantized(t: dict[str, torch.Tensor], group: int) -> dict[str, torch.Tens
     for k, v in t.items():
         if k.endswith(".qweight"):
             base = k[:-len(".qweight")]
-            q = fastllm.unpack_nibbles(v).float()
+            q = unpack_nibbles(v).float()
             zp = t[base + ".qzeros"].float().repeat_interleave(group, dim=1)
             out[base + ".weight"] = (q - zp) * t[base + ".scales"].float().repeat_interleave(group, dim=1)
         elif not k.endswith((".scales", ".qzeros")):
@@ -31,7 +34,7 @@ def _dequantized(t: dict[str, torch.Tensor], group: int) -> dict[str, torch.Tens
 
 
 def _tensors(a, group, seed=3):
-    t = fastllm.random_int4_tensors(a, group, seed=seed, scale_spread=1.0)
+    t = random_int4_tensors(a, group, seed=seed, scale_spread=1.0)
     g = torch.Generator().manual_seed(seed)
     for k in t:  # norms that are not all ones, so a dropped gamma fails
         if k.endswith("norm.weight"):
@@ -45,10 +48,10 @@ def _cos(a, b):
 
 @pytest.mark.parametrize("shape,group", [("smoke", 64), ("odd", 64), ("smoke", 32)])
 def test_int4_engines_match_dequantized_fp32(shape, group):
-    a = fastllm.PRESETS["smoke"] if shape == "smoke" else ODD
+    a = PRESETS["smoke"] if shape == "smoke" else ODD
     t = _tensors(a, group)
-    ref = fastllm.assemble(a, _dequantized(t, group), None, "torch")
-    engines = {e: fastllm.assemble(a, dict(t), group, e) for e in fastllm.ENGINES}
+    ref = eng.assemble(a, _dequantized(t, group), None, "torch")
+    engines = {e: eng.assemble(a, dict(t), group, e) for e in eng.ENGINES}
     g = torch.Generator().manual_seed(0)
     steps = [(torch.randn(1, 9, a.hidden_size, generator=g) * 0.5, 0)]
     steps += [(torch.randn(1, 1, a.hidden_size, generator=g) * 0.5, 9 + i) for i in range(4)]
@@ -70,8 +73,8 @@ def test_int4_engines_match_dequantized_fp32(shape, group):
 def test_ort_engine_kv_cache_is_written_in_place():
     """GroupQueryAttention writes the keys/values of the new positions into our torch buffers
     (past and present bound to the same memory): positions past the filled ones stay zero."""
-    a = fastllm.PRESETS["smoke"]
-    m = fastllm.assemble(a, _tensors(a, 64), 64, "ort")
+    a = PRESETS["smoke"]
+    m = eng.assemble(a, _tensors(a, 64), 64, "ort")
     m.setup_cache(16)
     kc = m.k_cache[0]
     m(torch.randn(1, 5, a.hidden_size), 0)
@@ -82,8 +85,8 @@ def test_ort_engine_kv_cache_is_written_in_place():
 
 
 def test_ort_engine_refusals():
-    a = fastllm.PRESETS["smoke"]
-    m = fastllm.assemble(a, _tensors(a, 64), 64, "ort")
+    a = PRESETS["smoke"]
+    m = eng.assemble(a, _tensors(a, 64), 64, "ort")
     m.setup_cache(8)
     with pytest.raises(InputError, match="past the KV cache"):
         m(torch.randn(1, 4, a.hidden_size), 6)
@@ -92,7 +95,7 @@ def test_ort_engine_refusals():
     with pytest.raises(InputError, match="positions"):
         m.setup_cache(a.max_positions + 1)
     with pytest.raises(InputError, match="engine"):
-        fastllm.assemble(a, _tensors(a, 64), 64, "tensorrt")
+        eng.assemble(a, _tensors(a, 64), 64, "tensorrt")
     with pytest.raises(InputError, match="width"):
         m(torch.randn(1, 1, a.hidden_size + 1), 0)
     m.setup_cache(8, batch=2)
@@ -103,26 +106,26 @@ def test_ort_engine_refusals():
 def test_engine_choice():
     """Default: ort for int4 decoder layers it can run; torch for fp32 weights and for shapes
     GroupQueryAttention refuses (head dim not a multiple of 16), where an explicit ort is one line."""
-    a = fastllm.PRESETS["smoke"]
+    a = PRESETS["smoke"]
     t = _tensors(a, 64)
-    assert fastllm.assemble(a, dict(t), 64).engine == "ort"
-    assert fastllm.assemble(a, _dequantized(t, 64), None).engine == "torch"
-    odd_heads = fastllm.LlamaArgs(vocab_size=100, hidden_size=192, n_layers=1, n_heads=8, n_kv_heads=2,
+    assert eng.assemble(a, dict(t), 64).engine == "ort"
+    assert eng.assemble(a, _dequantized(t, 64), None).engine == "torch"
+    odd_heads = LlamaArgs(vocab_size=100, hidden_size=192, n_layers=1, n_heads=8, n_kv_heads=2,
                                   intermediate_size=256, max_positions=32)   # head dim 24
     t = _tensors(odd_heads, 32)
-    m = fastllm.assemble(odd_heads, dict(t), 32)
+    m = eng.assemble(odd_heads, dict(t), 32)
     assert m.engine == "torch"
     m.setup_cache(4)
     assert m(torch.randn(1, 2, 192), 0).shape == (1, 100)
     with pytest.raises(BundleError, match="head dim 24") as e:
-        fastllm.assemble(odd_heads, dict(t), 32, "ort")
+        eng.assemble(odd_heads, dict(t), 32, "ort")
     assert "--llm-engine torch" in e.value.line()
 
 
 def test_ort_engine_bad_group_size_is_one_line():
     """A block size MatMulNBits does not take gives a BundleError naming the way out, not a traceback."""
-    a = fastllm.LlamaArgs(vocab_size=100, hidden_size=192, n_layers=1, n_heads=6, n_kv_heads=2,
+    a = LlamaArgs(vocab_size=100, hidden_size=192, n_layers=1, n_heads=6, n_kv_heads=2,
                           intermediate_size=384, max_positions=32)
     with pytest.raises(BundleError, match="group size 48") as e:
-        fastllm.assemble(a, _tensors(a, 48), 48, "ort")
+        eng.assemble(a, _tensors(a, 48), 48, "ort")
     assert "--llm-engine torch" in e.value.line()

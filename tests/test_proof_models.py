@@ -37,23 +37,6 @@ def eval_examples():
 
 
 @pytest.fixture(scope="session")
-def proof_bundle(tmp_path_factory):
-    from ib_edge.export.bundle import export_bundle
-
-    root = tmp_path_factory.mktemp("proof")
-    cache = {}
-
-    def get(name, precision="fp32", llm_quant=None):
-        key = (name, precision, llm_quant)
-        if key not in cache:
-            cache[key] = export_bundle(name, root / "-".join(map(str, key)), precision=precision,
-                                       llm_quant=llm_quant, quiet=True)
-        return cache[key]
-
-    return get
-
-
-@pytest.fixture(scope="session")
 def predictions(proof_bundle, eval_examples):
     cache = {}
 
@@ -172,3 +155,19 @@ def test_t5_mixed_bundle_runs_every_decoding_mode(proof_bundle, eval_examples):
     assert pipe.generate(ex["image"], ex["question"], max_new_tokens=16, num_beams=3)
     kw = dict(max_new_tokens=16, temperature=0.8, top_p=0.9, seed=11)
     assert pipe.run(ex["image"], ex["question"], **kw).token_ids == pipe.run(ex["image"], ex["question"], **kw).token_ids
+
+
+@pytest.mark.parametrize("name", PROOF_MODELS)
+def test_trt_int8_over_fp16_graph_within_budget(name, proof_bundle, tmp_path):
+    """The graph a TensorRT int8 bundle builds from (INT8 over FP16, export/trt_graphs.py),
+    validated on ONNX Runtime CPU against the fp32 graphs with the int8 drift budgets."""
+    from ib_edge.quant import budgets
+
+    from .test_trt_int8 import validate_trt_int8
+
+    out = validate_trt_int8(proof_bundle(name), tmp_path)
+    for stage, tensor in (("vision", "image_embeds"), ("qformer", "query_embeds")):
+        b = budgets.BUDGETS[(tensor, "int8")]
+        d = out["stages"][stage]["drift"]
+        assert d["cosine_mean"] >= b.min_cosine_mean and d["cosine_min"] >= b.min_cosine_worst, (stage, d)
+    assert out["chain"]["cosine_min"] >= budgets.BUDGETS[("query_embeds", "int8")].min_cosine_worst

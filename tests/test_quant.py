@@ -221,8 +221,10 @@ def test_dedicated_qdq_pairs_let_every_matmul_fuse(tmp_path):
 
 def test_old_recipes_reapply_without_dedicated_pairs():
     assert int8.Int8Recipe().dedicated_qdq_pair is True
+    assert int8.Int8Recipe().reduce_range is True
     old = {"op_types": ["MatMul"], "exclude": [], "method": "minmax"}
     assert int8.Int8Recipe.from_json(old).dedicated_qdq_pair is False
+    assert int8.Int8Recipe.from_json(old).reduce_range is False
     assert int8.Int8Recipe.from_json(int8.Int8Recipe().to_json()) == int8.Int8Recipe()
 
 
@@ -306,5 +308,30 @@ def test_two_phase_apply_equals_one_shot_quantize_static(bundle_dir, tmp_path, m
                     quant_format=QuantFormat.QDQ, op_types_to_quantize=list(recipe.op_types), per_channel=True,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=list(recipe.exclude),
                     calibrate_method=CalibrationMethod.MinMax if method == "minmax" else CalibrationMethod.Percentile,
-                    extra_options=extra)
+                    extra_options=extra, reduce_range=recipe.reduce_range)
     assert (tmp_path / "two.onnx").read_bytes() == (tmp_path / "one.onnx").read_bytes()
+
+
+def test_weights_are_7_bit_and_bypass_keeps_graphs_valid(bundle_dir, tmp_path):
+    """The CPU graph's weights stay within 7 bits (reduce_range: no VPMADDUBSW saturation on
+    x86 CPUs without VNNI); and excluding any candidate node without recalibrating (the
+    sensitivity ranking's _bypass) gives a valid graph, also for the patch Conv whose bias
+    DequantizeLinear carries the bias's own name."""
+    from onnx import numpy_helper
+
+    from ib_edge.export.quantize import _vision_feeds
+    from ib_edge.quant.calibration import CalibrationSet
+
+    d = bundle_dir("llama")
+    feeds = _vision_feeds(CalibrationSet.load().split()[0][:4], Pipeline.load(d).manifest.preprocess)
+    q = tmp_path / "q.onnx"
+    int8.apply(d / "vision.onnx", q, int8.Int8Recipe(), feeds)
+    qm, fm = onnx.load(str(q)), onnx.load(str(d / "vision.onnx"))
+    weights = [numpy_helper.to_array(t) for t in qm.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert weights and all(int(np.abs(w.astype(np.int32)).max()) <= 64 for w in weights)
+    import onnxruntime as ort
+
+    for node in int8.candidate_nodes(d / "vision.onnx", int8.DEFAULT_OP_TYPES):
+        m = int8._bypass(qm, fm, {node})
+        onnx.checker.check_model(m)
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])

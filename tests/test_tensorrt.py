@@ -26,6 +26,8 @@ from ib_edge.runtime.manifest import MANIFEST, SCHEMA_VERSION, Manifest
 from ib_edge.runtime.tensorrt_stage import (TensorRTRuntimeError, TensorRTStage, engine_mismatches,
                                             parse_l4t_release, platform_identity, read_l4t_release)
 
+from .trt_standin import VERSIONS, load_api, strict_module
+
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 needs_tensorrt = pytest.mark.skipif(not HAVE_TRT,
                                     reason="TensorRT is not installed on this machine (build engines on the GPU host)")
@@ -135,12 +137,32 @@ def test_ort_provider_options_tensorrt(tmp_path):
     assert (fp32["trt_int8_enable"], fp32["trt_fp16_enable"]) == ("0", "0")
 
 
+def test_ort_tensorrt_ep_precision_options_per_bundle_precision(tmp_path):
+    """What the bundle's graphs need from ORT's TensorRT EP (runtime/stages.py states why): its
+    options are TensorRT builder flags, which only weakly typed (10.x) builds have."""
+    from ib_edge.runtime.stages import TRT_EP_PRECISION_OPTIONS
+
+    assert TRT_EP_PRECISION_OPTIONS == {"fp32": {"trt_fp16_enable": "0", "trt_int8_enable": "0"},
+                                        "fp16": {"trt_fp16_enable": "1", "trt_int8_enable": "0"},
+                                        "int8": {"trt_fp16_enable": "1", "trt_int8_enable": "1"}}
+    for precision, want in TRT_EP_PRECISION_OPTIONS.items():
+        _, opts = ort_provider_options("tensorrt", precision, tmp_path)
+        assert {k: opts[k] for k in want} == want
+        assert not any("calibration" in k for k in opts)  # Q/DQ graphs carry their scales: no table
+
+
 def test_ort_provider_options_cuda_and_errors(tmp_path):
     assert ort_provider_options("cuda", "fp32", tmp_path, device=1) == ("CUDAExecutionProvider", {"device_id": "1"})
     with pytest.raises(IbEdgeError, match="'rocm'"):
         ort_provider_options("rocm", "fp16", tmp_path)
     with pytest.raises(IbEdgeError, match="'int4'"):
         ort_provider_options("tensorrt", "int4", tmp_path)
+
+
+@pytest.fixture(params=VERSIONS)
+def trt_api(request):
+    """Each test that builds or runs against the stand-in runs once per real release's API."""
+    return load_api(request.param)
 
 
 # --- a fake tensorrt module -----------------------------------------------------------------
@@ -154,33 +176,51 @@ class _Err:
     def desc(self): return self._v[3]
 
 
-def fake_tensorrt(*, version="10.3.0", parse_errors=(), build_fails=False, inputs=(("x", (-1, 16)),),
-                  set_shape_ok=True, execute_ok=True):
-    """Just enough of TensorRT 10's Python API for build_engine and TensorRTStage. Calls are
-    recorded in ``trt.calls``. The engine computes y = 2 x + 1 on host memory."""
-    trt = types.ModuleType("tensorrt")
-    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
-    trt.__version__ = version
-    calls = trt.calls = []
-    for dt in ("float32", "float16", "int32", "int64", "int8", "bool", "uint8"):
-        setattr(trt, dt, f"DataType.{dt}")
-    trt.Logger = type("Logger", (), {"WARNING": "WARNING", "__init__": lambda self, sev: None})
-    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", INT8="INT8", TF32="TF32")
-    trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+def fake_tensorrt(api=None, *, parse_errors=(), build_fails=False, inputs=(("x", (-1, 16)),),
+                  set_shape_ok=True, execute_ok=True, version=None):
+    """The builder/runner's view of TensorRT, held to one real release's API (``api``, from
+    tests/trt_api; default 10.3.0): every module name, class member, enum member and keyword
+    the code touches must exist in that release (tests/trt_standin.py). Calls are recorded in
+    ``trt.calls``. ``inputs="onnx"``: the network's inputs are the parsed graph's. The engine
+    computes y = 2 x + 1 on host memory."""
+    api = dict(api or load_api("10.3.0"))
+    if version is not None:
+        api["tensorrt_version"] = version
+    calls = []
+    io_mode = api["enums"]["TensorIOMode"]
+    impl = types.SimpleNamespace()
+    for dt in ("float32", "float16", "int32", "int64", "int8", "bool", "uint8", "bfloat16"):
+        setattr(impl, dt, f"DataType.{dt}")
+
+    class Logger:
+        WARNING = "WARNING"
+
+        def __init__(self, severity):
+            calls.append(("logger", severity))
 
     class Network:
-        num_inputs = len(inputs)
+        def __init__(self):
+            self.inputs = [] if inputs == "onnx" else list(inputs)
+
+        @property
+        def num_inputs(self):
+            return len(self.inputs)
 
         def get_input(self, i):
-            return types.SimpleNamespace(name=inputs[i][0], shape=inputs[i][1])
+            return types.SimpleNamespace(name=self.inputs[i][0], shape=self.inputs[i][1])
 
-    class Parser:
+    class OnnxParser:
         def __init__(self, network, logger):
-            self.num_errors = 0
+            self.network, self.num_errors = getattr(network, "_obj", network), 0  # the fake behind the stand-in
 
         def parse_from_file(self, path):
             calls.append(("parse_from_file", path))
+            if inputs == "onnx":  # the graph's own inputs, dynamic axes as -1
+                import onnx
+
+                g = onnx.load(path, load_external_data=False).graph
+                self.network.inputs = [(i.name, tuple(d.dim_value or -1 for d in i.type.tensor_type.shape.dim))
+                                       for i in g.input]
             self.num_errors = len(parse_errors)
             return not parse_errors
 
@@ -253,8 +293,8 @@ def fake_tensorrt(*, version="10.3.0", parse_errors=(), build_fails=False, input
     class Engine:
         num_io_tensors = 2
         def get_tensor_name(self, i): return ("x", "y")[i]
-        def get_tensor_mode(self, n): return "INPUT" if n == "x" else "OUTPUT"
-        def get_tensor_dtype(self, n): return trt.float32
+        def get_tensor_mode(self, n): return io_mode["INPUT"] if n == "x" else io_mode["OUTPUT"]
+        def get_tensor_dtype(self, n): return impl.float32
         def create_execution_context(self): return Context()
 
     class Runtime:
@@ -264,7 +304,9 @@ def fake_tensorrt(*, version="10.3.0", parse_errors=(), build_fails=False, input
             calls.append(("deserialize",))
             return Engine() if blob == b"ENGINE" else None
 
-    trt.Builder, trt.OnnxParser, trt.Runtime = Builder, Parser, Runtime
+    impl.Logger, impl.Builder, impl.OnnxParser, impl.Runtime = Logger, Builder, OnnxParser, Runtime
+    trt = strict_module(api, impl)
+    trt.__dict__["calls"] = calls
     return trt
 
 
@@ -288,21 +330,55 @@ class HostBuffers:
 
 
 # --- build_engine against the fake ----------------------------------------------------------
-def _onnx_file(path, qdq=False):
-    import onnx
+def _graph(nodes, inits=(), opset=18):
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])
-    if qdq:
-        inits = [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]),
-                 helper.make_tensor("z", TensorProto.INT8, [], [0])]
-        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
-                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
-    else:
-        inits, nodes = [], [helper.make_node("Identity", ["x"], ["y"])]
-    graph = helper.make_graph(nodes, "tiny", [x], [y], inits)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    graph = helper.make_graph(nodes, "tiny", [x], [y], list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _qdq_nodes(src, dst, scale_type):
+    from onnx import TensorProto, helper
+
+    dtype = {"fp16": TensorProto.FLOAT16, "fp32": TensorProto.FLOAT}[scale_type]
+    inits = [helper.make_tensor("s", dtype, [], [0.1]), helper.make_tensor("z", TensorProto.INT8, [], [0])]
+    return inits, [helper.make_node("QuantizeLinear", [src, "s", "z"], ["q"], name="q_node"),
+                   helper.make_node("DequantizeLinear", ["q", "s", "z"], [dst], name="dq_node")]
+
+
+def tiny_graph(kind):
+    """fp32: Identity. fp16: fp16 Relu between Casts. int8: INT8 over FP16, the Q/DQ pair between
+    fp16 Relus (what quant/trt_int8.py writes). int8-fp32: the CPU-style Q/DQ graph (fp32 scales).
+    issue4832-q / -dq: an fp16-scale Q fed by the input's fp32->fp16 Cast / a DQ feeding (through
+    a Reshape) a Cast to fp32."""
+    from onnx import TensorProto, helper
+
+    F16, F32 = TensorProto.FLOAT16, TensorProto.FLOAT
+    to16 = helper.make_node("Cast", ["x"], ["x16"], to=F16, name="x_to_fp16")
+    if kind == "fp32":
+        return _graph([helper.make_node("Identity", ["x"], ["y"])])
+    if kind == "fp16":
+        return _graph([to16, helper.make_node("Relu", ["x16"], ["r"]), helper.make_node("Cast", ["r"], ["y"], to=F32)])
+    if kind == "int8-fp32":
+        inits, qdq = _qdq_nodes("x", "y", "fp32")
+        return _graph(qdq, inits)
+    inits, qdq = _qdq_nodes({"issue4832-q": "x16"}.get(kind, "a"), "d", "fp16")
+    relu_in = [] if kind == "issue4832-q" else [helper.make_node("Relu", ["x16"], ["a"])]
+    if kind == "issue4832-dq":
+        shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 16])
+        tail = [helper.make_node("Reshape", ["d", "shape"], ["d2"], name="reshape"),
+                helper.make_node("Cast", ["d2"], ["y"], to=F32, name="dq_to_fp32")]
+        return _graph([to16, *relu_in, *qdq, *tail], inits + [shape], opset=19)
+    tail = [helper.make_node("Relu", ["d"], ["r"]), helper.make_node("Cast", ["r"], ["y"], to=F32)]
+    return _graph([to16, *relu_in, *qdq, *tail], inits, opset=19)
+
+
+def _onnx_file(path, kind="fp32"):
+    import onnx
+
+    onnx.save(tiny_graph(kind), str(path))
     return path
 
 
@@ -311,17 +387,17 @@ PROF = {"x": ((1, 16), (2, 16), (4, 16))}
 
 def _build(tmp_path, monkeypatch, trt, precision="fp16", **kw):
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    onnx_path = _onnx_file(tmp_path / "tiny.onnx", qdq=precision == "int8")
+    onnx_path = _onnx_file(tmp_path / "tiny.onnx", precision)
     kw.setdefault("profiles", PROF)
     kw.setdefault("identity", dict(ORIN, tensorrt="ignored: the building TensorRT's version is recorded"))
     return build_engine(onnx_path, tmp_path / "out" / "tiny.engine", precision=precision, log=lambda m: None, **kw)
 
 
-def test_parse_errors_are_all_reported_and_fatal(tmp_path, monkeypatch):
+def test_parse_errors_are_all_reported_and_fatal(tmp_path, monkeypatch, trt_api):
     errors = [(3, "/attn/Einsum", "Einsum", "unsupported equation"),
               (7, "/mlp/Gelu", "Gelu", "approximate='tanh' not supported"),
               (-1, "", "", "graph input x has no shape")]
-    trt = fake_tensorrt(parse_errors=errors)
+    trt = fake_tensorrt(trt_api, parse_errors=errors)
     with pytest.raises(TensorRTBuildError) as e:
         _build(tmp_path, monkeypatch, trt)
     msg = str(e.value)
@@ -332,63 +408,127 @@ def test_parse_errors_are_all_reported_and_fatal(tmp_path, monkeypatch):
     assert ("build",) not in trt.calls and not (tmp_path / "out" / "tiny.engine").exists()
 
 
-@pytest.mark.parametrize("precision, set_flags, cleared", [("fp32", [], ["TF32"]), ("fp16", ["FP16"], []),
-                                                           ("int8", ["INT8", "FP16"], [])])
-def test_precision_flags(tmp_path, monkeypatch, precision, set_flags, cleared):
-    trt = fake_tensorrt()
+# The strongly typed network flag has a different value in each release (10.3: EXPLICIT_BATCH 0,
+# STRONGLY_TYPED 1; 11.4: STRONGLY_TYPED 0), read from the real bindings.
+STRONGLY_TYPED_FLAGS = {"10.3.0": 1 << 1, "11.4.0.106": 1 << 0}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_strongly_typed_without_precision_flags(tmp_path, monkeypatch, precision, trt_api):
+    trt = fake_tensorrt(trt_api)
     rec = _build(tmp_path, monkeypatch, trt, precision)
-    assert [c[1] for c in trt.calls if c[0] == "set_flag"] == set_flags
-    assert [c[1] for c in trt.calls if c[0] == "clear_flag"] == cleared
-    assert rec["precision"] == precision
+    flags = [c[1] for c in trt.calls if c[0] == "create_network"]
+    assert flags == [STRONGLY_TYPED_FLAGS[trt_api["tensorrt_version"]]]
+    assert [c for c in trt.calls if c[0] == "set_flag"] == []
+    assert [c[1].member for c in trt.calls if c[0] == "clear_flag"] == ["TF32"]
+    assert (rec["precision"], rec["strongly_typed"], rec["tf32"], rec["network_flags"]) == \
+        (precision, True, False, flags[0])
+    assert rec["built_from"] == "tiny.onnx"
 
 
-def test_int8_needs_qdq_graph(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
-    with pytest.raises(TensorRTBuildError, match="no QuantizeLinear/DequantizeLinear"):
-        build_engine(_onnx_file(tmp_path / "plain.onnx"), tmp_path / "e", precision="int8", profiles=PROF,
-                     log=lambda m: None)
+def test_stand_in_mirrors_each_release():
+    """The stand-ins differ where the releases differ: what broke the old builder on 11.x."""
+    old, new = fake_tensorrt(load_api("10.3.0")), fake_tensorrt(load_api("11.4.0.106"))
+    assert int(old.BuilderFlag.FP16) == 0 and int(old.NetworkDefinitionCreationFlag.EXPLICIT_BATCH) == 0
+    for name in ("FP16", "INT8", "BF16", "OBEY_PRECISION_CONSTRAINTS"):
+        with pytest.raises(AttributeError, match=f"TensorRT 11.4.0.106: BuilderFlag has no member '{name}'"):
+            getattr(new.BuilderFlag, name)
+    with pytest.raises(AttributeError, match="NetworkDefinitionCreationFlag has no member 'EXPLICIT_BATCH'"):
+        new.NetworkDefinitionCreationFlag.EXPLICIT_BATCH
+    config = new.Builder(new.Logger(new.Logger.WARNING)).create_builder_config()
+    with pytest.raises(AttributeError, match="IBuilderConfig has no attribute 'int8_calibrator'"):
+        config.int8_calibrator
+    with pytest.raises(TypeError, match="set_timing_cache"):
+        config.set_timing_cache(None, ignore_mismatched=False)  # misspelt keyword: refused like pybind11
+    with pytest.raises(AttributeError, match="module tensorrt has no attribute 'IInt8EntropyCalibrator2'"):
+        new.IInt8EntropyCalibrator2
+    assert not hasattr(new, "IInt8EntropyCalibrator2") and "IInt8EntropyCalibrator2" in load_api("10.3.0")["module"]
 
 
-def test_profile_set_for_every_input_and_workspace(tmp_path, monkeypatch):
-    trt = fake_tensorrt(inputs=(("x", (-1, 16)), ("mask", (-1, -1))))
+@pytest.mark.parametrize("version, flags", [("11.9.0", 0), ("12.0.1", 0)])
+def test_network_flags_without_the_flag(version, flags):
+    api = load_api("11.4.0.106")
+    api = {**api, "tensorrt_version": version,
+           "enums": {**api["enums"], "NetworkDefinitionCreationFlag": {"PREFER_JIT_PYTHON_PLUGINS": 1}}}
+    assert trt_export.network_flags(fake_tensorrt(api)) == flags
+    with pytest.raises(TensorRTBuildError, match="TensorRT 9.2.0 cannot build strongly typed networks"):
+        trt_export.network_flags(fake_tensorrt({**api, "tensorrt_version": "9.2.0"}))
+
+
+@pytest.mark.parametrize("precision, kind, needle", [
+    ("int8", "fp32", "no QuantizeLinear/DequantizeLinear nodes"),
+    ("int8", "int8-fp32", "opset 18 < 19: Q/DQ scales cannot be fp16"),
+    ("int8", "int8-fp32", "2 Q/DQ node(s) with a non-fp16 scale (e.g. q_node): an INT8+FP32 graph"),
+    ("fp16", "fp32", "no fp16 tensors: a strongly typed build of this graph is fp32"),
+    ("fp16", "int8", "this graph builds an int8 engine"),
+    ("fp32", "fp16", "fp16 tensors present"),
+])
+def test_graph_must_carry_the_precision(tmp_path, monkeypatch, precision, kind, needle, trt_api):
+    trt = fake_tensorrt(trt_api)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    with pytest.raises(TensorRTBuildError, match=f"cannot build a strongly typed {precision} engine") as e:
+        build_engine(_onnx_file(tmp_path / "g.onnx", kind), tmp_path / "e", precision=precision, profiles=PROF,
+                     identity=ORIN, log=lambda m: None)
+    assert needle in str(e.value) and trt.calls == []  # refused before TensorRT is touched
+
+
+@pytest.mark.parametrize("kind, where", [
+    ("issue4832-q", "QuantizeLinear q_node: input 'x16' is Cast 'x_to_fp16' of fp32 'x'"),
+    ("issue4832-dq", "DequantizeLinear dq_node: output 'd2' is Cast to fp32 by 'dq_to_fp32'"),
+])
+def test_issue_4832_pattern_refused_before_building(tmp_path, monkeypatch, kind, where, trt_api):
+    trt = fake_tensorrt(trt_api)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    with pytest.raises(TensorRTBuildError) as e:
+        build_engine(_onnx_file(tmp_path / "g.onnx", kind), tmp_path / "e", precision="int8", profiles=PROF,
+                     identity=ORIN, log=lambda m: None)
+    msg = str(e.value)
+    assert msg == (f"g.onnx cannot build a strongly typed int8 engine: 1 Q/DQ node(s) with an fp16 scale meet an "
+                   f"fp32 tensor (NVIDIA/TensorRT#4832: strongly typed INT8 fails on SM 8.7 with 'Could not infer "
+                   f"output types for operation: dequantize'): {where}")
+    assert "trt_int8.convert" in e.value.hint and trt.calls == []
+
+
+def test_profile_set_for_every_input_and_workspace(tmp_path, monkeypatch, trt_api):
+    trt = fake_tensorrt(trt_api, inputs=(("x", (-1, 16)), ("mask", (-1, -1))))
     prof = {"x": ((1, 16), (2, 16), (4, 16)), "mask": ((1, 1), (2, 32), (4, 128))}
     rec = _build(tmp_path, monkeypatch, trt, profiles=prof, workspace_mb=256)
     assert [c for c in trt.calls if c[0] == "set_shape"] == [
         ("set_shape", "x", (1, 16), (2, 16), (4, 16)), ("set_shape", "mask", (1, 1), (2, 32), (4, 128))]
-    assert ("add_profile",) in trt.calls and ("create_network", 0) in trt.calls
-    assert ("pool", "WORKSPACE", 256 << 20) in trt.calls
+    assert ("add_profile",) in trt.calls
+    assert [c[1:] for c in trt.calls if c[0] == "pool"] == [(trt.MemoryPoolType.WORKSPACE, 256 << 20)]
     assert rec["profiles"]["mask"] == {"min": [1, 1], "opt": [2, 32], "max": [4, 128]}
-    assert rec["workspace_mb"] == 256 and rec["tensorrt"] == "10.3.0"
+    assert rec["workspace_mb"] == 256 and rec["tensorrt"] == trt_api["tensorrt_version"]
     assert set(ORIN) <= set(rec)
 
 
 @pytest.mark.parametrize("prof, needle", [({}, "missing ['x']"),
                                           ({**PROF, "y": ((1,), (1,), (1,))}, "unknown ['y']"),
                                           ({"x": ((1,), (2,), (4,))}, "rank 1, the graph's input has rank 2")])
-def test_profiles_must_match_graph_inputs(tmp_path, monkeypatch, prof, needle):
-    trt = fake_tensorrt()
+def test_profiles_must_match_graph_inputs(tmp_path, monkeypatch, prof, needle, trt_api):
+    trt = fake_tensorrt(trt_api)
     with pytest.raises(TensorRTBuildError) as e:
         _build(tmp_path, monkeypatch, trt, profiles=prof)
     assert needle in str(e.value) and ("build",) not in trt.calls
 
 
-def test_timing_cache_loaded_and_saved(tmp_path, monkeypatch):
+def test_timing_cache_loaded_and_saved(tmp_path, monkeypatch, trt_api):
     cache = tmp_path / "timing.cache"
-    trt = fake_tensorrt()
+    trt = fake_tensorrt(trt_api)
     _build(tmp_path, monkeypatch, trt, timing_cache=cache)
     assert ("create_timing_cache", b"") in trt.calls and ("set_timing_cache", False) in trt.calls
     assert cache.read_bytes() == b"CACHE<>"
-    trt2 = fake_tensorrt()
+    trt2 = fake_tensorrt(trt_api)
     _build(tmp_path, monkeypatch, trt2, timing_cache=cache)
     assert ("create_timing_cache", b"CACHE<>") in trt2.calls
     assert cache.read_bytes() == b"CACHE<CACHE<>>"
 
 
-def test_engine_written_atomically(tmp_path, monkeypatch):
+def test_engine_written_atomically(tmp_path, monkeypatch, trt_api):
     replaced = []
     real_replace = os.replace
     monkeypatch.setattr(trt_export.os, "replace", lambda a, b: (replaced.append((a, b)), real_replace(a, b)))
-    _build(tmp_path, monkeypatch, fake_tensorrt())
+    _build(tmp_path, monkeypatch, fake_tensorrt(trt_api))
     engine = tmp_path / "out" / "tiny.engine"
     assert engine.read_bytes() == b"ENGINE"
     (src, dst), = replaced
@@ -396,25 +536,25 @@ def test_engine_written_atomically(tmp_path, monkeypatch):
     assert sorted(p.name for p in engine.parent.iterdir()) == ["tiny.engine"]
 
 
-def test_failed_build_leaves_no_file(tmp_path, monkeypatch):
+def test_failed_build_leaves_no_file(tmp_path, monkeypatch, trt_api):
     cache = tmp_path / "timing.cache"
     with pytest.raises(TensorRTBuildError, match="could not build an engine"):
-        _build(tmp_path, monkeypatch, fake_tensorrt(build_fails=True), timing_cache=cache)
+        _build(tmp_path, monkeypatch, fake_tensorrt(trt_api, build_fails=True), timing_cache=cache)
     assert not (tmp_path / "out").exists() and not cache.exists()
 
 
-def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
+def test_failed_write_leaves_no_file(tmp_path, monkeypatch, trt_api):
     def broken(a, b):
         raise OSError("disk full")
 
     monkeypatch.setattr(trt_export.os, "replace", broken)
     with pytest.raises(OSError, match="disk full"):
-        _build(tmp_path, monkeypatch, fake_tensorrt())
+        _build(tmp_path, monkeypatch, fake_tensorrt(trt_api))
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_build_refuses_unknown_gpu(tmp_path, monkeypatch):
-    trt = fake_tensorrt()
+def test_build_refuses_unknown_gpu(tmp_path, monkeypatch, trt_api):
+    trt = fake_tensorrt(trt_api)
     with pytest.raises(TensorRTBuildError, match="GPU, GPU compute capability unknown"):
         _build(tmp_path, monkeypatch, trt, identity=dict(ORIN, gpu_name=None, compute_capability=None))
     assert ("build",) not in trt.calls
@@ -423,7 +563,7 @@ def test_build_refuses_unknown_gpu(tmp_path, monkeypatch):
 @pytest.mark.skipif(HAVE_TRT, reason="checks the message shown where TensorRT is absent")
 def test_build_without_tensorrt_says_where_to_build(tmp_path):
     with pytest.raises(TensorRTBuildError, match="TensorRT is not installed") as e:
-        build_engine(_onnx_file(tmp_path / "t.onnx"), tmp_path / "e", precision="fp16", profiles=PROF)
+        build_engine(_onnx_file(tmp_path / "t.onnx", "fp16"), tmp_path / "e", precision="fp16", profiles=PROF)
     assert "GPU host" in e.value.hint
 
 
@@ -438,15 +578,15 @@ def _bundle(root, record, backend="tensorrt"):
             "source": {"model": "Salesforce/instructblip-vicuna-7b"}, "model": {}, "preprocess": {},
             "artifacts": {"tiny": art}}
     (root / MANIFEST).write_text(json.dumps(data))
-    return Manifest.load(root)
+    return Manifest(root, data)  # one stage, not a whole bundle: not held to the bundle schema
 
 
 RECORD = {**ORIN, "precision": "fp16", "workspace_mb": 1024,
           "profiles": {"x": {"min": [1, 16], "opt": [2, 16], "max": [4, 16]}}}
 
 
-def test_stage_refuses_other_platform_before_deserializing(tmp_path, monkeypatch):
-    trt = fake_tensorrt()
+def test_stage_refuses_other_platform_before_deserializing(tmp_path, monkeypatch, trt_api):
+    trt = fake_tensorrt(trt_api)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     m = _bundle(tmp_path / "b", RECORD)
     here = dict(ORIN, tensorrt="10.7.0", compute_capability="9.0", gpu_name="NVIDIA H100")
@@ -466,8 +606,8 @@ def test_stage_refuses_onnx_artifact(tmp_path):
         TensorRTStage(_bundle(tmp_path / "b", RECORD, backend="onnxruntime"), "tiny", identity=ORIN)
 
 
-def test_stage_runs_engine(tmp_path, monkeypatch):
-    trt = fake_tensorrt()
+def test_stage_runs_engine(tmp_path, monkeypatch, trt_api):
+    trt = fake_tensorrt(trt_api)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     buffers = HostBuffers()
     stage = TensorRTStage(_bundle(tmp_path / "b", RECORD), "tiny", identity=dict(ORIN), buffers=buffers)
@@ -485,8 +625,8 @@ def test_stage_runs_engine(tmp_path, monkeypatch):
 @pytest.mark.parametrize("shape, needle", [((5, 16), "x has shape [5, 16], outside the engine's profile "
                                                       "(min [1, 16], max [4, 16])"),
                                            ((2, 8), "x has shape [2, 8]"), ((16,), "x has shape [16]")])
-def test_stage_refuses_shape_outside_profile(tmp_path, monkeypatch, shape, needle):
-    trt = fake_tensorrt()
+def test_stage_refuses_shape_outside_profile(tmp_path, monkeypatch, shape, needle, trt_api):
+    trt = fake_tensorrt(trt_api)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     stage = TensorRTStage(_bundle(tmp_path / "b", RECORD), "tiny", identity=ORIN, buffers=HostBuffers())
     with pytest.raises(InputError) as e:
@@ -494,8 +634,8 @@ def test_stage_refuses_shape_outside_profile(tmp_path, monkeypatch, shape, needl
     assert needle in str(e.value) and not any(c[0] == "set_input_shape" for c in trt.calls)
 
 
-def test_stage_refuses_wrong_dtype(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
+def test_stage_refuses_wrong_dtype(tmp_path, monkeypatch, trt_api):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(trt_api))
     stage = TensorRTStage(_bundle(tmp_path / "b", RECORD), "tiny", identity=ORIN, buffers=HostBuffers())
     with pytest.raises(InputError, match="x is float64, the engine takes float32"):
         stage(x=np.zeros((1, 16)))
@@ -503,15 +643,15 @@ def test_stage_refuses_wrong_dtype(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kw, needle", [({"set_shape_ok": False}, "refused shape [2, 16] for x"),
                                         ({"execute_ok": False}, "failed to enqueue stage 'tiny'")])
-def test_stage_checks_tensorrt_return_values(tmp_path, monkeypatch, kw, needle):
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(**kw))
+def test_stage_checks_tensorrt_return_values(tmp_path, monkeypatch, kw, needle, trt_api):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(trt_api, **kw))
     stage = TensorRTStage(_bundle(tmp_path / "b", RECORD), "tiny", identity=ORIN, buffers=HostBuffers())
     with pytest.raises(TensorRTRuntimeError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         stage(x=np.zeros((2, 16), np.float32))
 
 
-def test_stage_undeserializable_engine(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
+def test_stage_undeserializable_engine(tmp_path, monkeypatch, trt_api):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(trt_api))
     m = _bundle(tmp_path / "b", RECORD)
     (tmp_path / "b" / "tiny.engine").write_bytes(b"garbage")
     with pytest.raises(BundleError, match="could not deserialize tiny.engine") as e:
@@ -540,10 +680,26 @@ def tiny_onnx(tmp_path_factory):
     return path
 
 
-# Tolerances: fp32 builds with TF32 off, so only reduction order differs from ORT (1e-5 on
-# LayerNorm outputs of order 1); fp16 keeps 10 mantissa bits, ~1e-3 relative per op, so 2e-2.
+def _graph_for(precision, fp32_path, tmp_path):
+    """The graph a strongly typed engine of ``precision`` is built from, as the bundle makes it."""
+    from ib_edge.quant import fp16, int8, trt_int8
+
+    if precision == "fp32":
+        return fp32_path
+    if precision == "fp16":
+        return fp16.convert(fp32_path, tmp_path / "tiny.fp16.onnx")
+    feeds = [{"x": np.random.default_rng(i).normal(size=(4, 16)).astype(np.float32)} for i in range(8)]
+    qdq = int8.apply(fp32_path, tmp_path / "tiny.qdq.onnx", int8.Int8Recipe(), feeds)
+    trt_int8.convert(qdq, tmp_path / "tiny.trt-int8.onnx")
+    return tmp_path / "tiny.trt-int8.onnx"
+
+
+# Tolerances, against ONNX Runtime CPU on the same graph: fp32 builds with TF32 off, so only
+# reduction order differs (1e-5 on LayerNorm outputs of order 1); fp16 keeps 10 mantissa bits,
+# ~1e-3 relative per op, so 2e-2; int8 over fp16: the same Q/DQ arithmetic, but a value on a
+# rounding boundary may land one quantization step away (scale ~0.03 here), so 1e-1.
 @needs_tensorrt
-@pytest.mark.parametrize("precision, atol", [("fp32", 1e-4), ("fp16", 2e-2)])
+@pytest.mark.parametrize("precision, atol", [("fp32", 1e-4), ("fp16", 2e-2), ("int8", 1e-1)])
 def test_real_engine_matches_onnxruntime(tiny_onnx, tmp_path, precision, atol):
     import onnxruntime as ort
     import torch
@@ -551,7 +707,8 @@ def test_real_engine_matches_onnxruntime(tiny_onnx, tmp_path, precision, atol):
     if not torch.cuda.is_available():
         pytest.skip("TensorRT is installed but no CUDA GPU is visible")
     bundle = tmp_path / "b"
-    rec = build_engine(tiny_onnx, bundle / "tiny.engine", precision=precision,
+    graph = _graph_for(precision, tiny_onnx, tmp_path)
+    rec = build_engine(graph, bundle / "tiny.engine", precision=precision,
                        profiles={"x": ((1, 16), (2, 16), (4, 16))}, timing_cache=tmp_path / "timing.cache",
                        log=lambda m: None)
     data = {"schema_version": SCHEMA_VERSION, "precision": precision, "source": {"model": "tiny"},
@@ -560,8 +717,8 @@ def test_real_engine_matches_onnxruntime(tiny_onnx, tmp_path, precision, atol):
                 "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 16]}],
                 "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 32]}]}}}
     (bundle / MANIFEST).write_text(json.dumps(data))
-    stage = TensorRTStage(Manifest.load(bundle), "tiny")
-    sess = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
+    stage = TensorRTStage(Manifest(bundle, data), "tiny")
+    sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     for batch in (1, 3, 4):
         x = np.random.default_rng(batch).normal(size=(batch, 16)).astype(np.float32)
         got, want = stage(x=x)["y"], sess.run(["y"], {"x": x})[0]

@@ -15,7 +15,10 @@ from PIL import Image
 from torch import nn
 
 from ib_edge.quant import int4, weight_only as wo
-from ib_edge.runtime import Pipeline, fastllm, lowbit
+from ib_edge.quant.budgets import VALIDATION_BUDGET, LogitsBudget
+from ib_edge.quant.drift import drift_of
+from ib_edge.runtime import Pipeline, engines, formats, lowbit
+from ib_edge.runtime.int4 import Int4Linear
 from ib_edge.runtime.errors import BundleError
 
 
@@ -65,7 +68,7 @@ class _OutputProbe:
 
     def drift(self, model):
         with torch.no_grad():
-            return wo.drift_of([model(self.x)], [self.ref])
+            return drift_of([model(self.x)], [self.ref])
 
 
 def _fake(w, precision, g=32):
@@ -102,7 +105,7 @@ def _drift_with(model, x, ref, plan):
                 h = h @ w.t() + m.bias
             else:
                 h = m(h)
-    return wo.drift_of([h], [ref])
+    return drift_of([h], [ref])
 
 
 def test_search_promotes_the_sensitive_layer_only_when_needed(outlier_model):
@@ -111,7 +114,7 @@ def test_search_promotes_the_sensitive_layer_only_when_needed(outlier_model):
     all4 = _drift_with(model, x, probe.ref, {"0": "int4", "2": "int4", "4": "int4"})
     mid8 = _drift_with(model, x, probe.ref, {"0": "int4", "2": "int8", "4": "int4"})
     assert mid8.cosine_mean - all4.cosine_mean > 0.02, (all4, mid8)   # the construction works
-    between = wo.Budget((all4.cosine_mean + mid8.cosine_mean) / 2, 0.0)
+    between = LogitsBudget((all4.cosine_mean + mid8.cosine_mean) / 2, 0.0)
     sw = wo.Swapper(model, wo.linear_names(model), group_size=32)
     rec = wo.search_plan(sw, lambda: probe.drift(model), between)
     assert rec["sensitivity"][0]["name"] == "2"
@@ -119,11 +122,11 @@ def test_search_promotes_the_sensitive_layer_only_when_needed(outlier_model):
     assert [p["name"] for p in rec["promoted"]] == ["2"]
     assert all(type(model[i]) is nn.Linear for i in (0, 2, 4))     # search leaves the model as it was
     # a budget all-int4 already meets: nothing promoted
-    loose = wo.Budget(all4.cosine_mean - 0.01, 0.0)
+    loose = LogitsBudget(all4.cosine_mean - 0.01, 0.0)
     rec = wo.search_plan(sw, lambda: probe.drift(model), loose)
     assert set(rec["precisions"].values()) == {"int4"} and rec["promoted"] == []
     # a budget only fp32 meets: everything goes through int8 before anything goes to fp32
-    strict = wo.Budget(1.0 - 1e-6, 1.0)
+    strict = LogitsBudget(1.0 - 1e-6, 1.0)
     rec = wo.search_plan(sw, lambda: probe.drift(model), strict)
     order = [p["to"] for p in rec["promoted"]]
     assert order[:3] == ["int8"] * 3 and set(order[3:]) == {"fp32"}
@@ -155,7 +158,7 @@ def test_storage_round_trip_and_refusals(tmp_path, outlier_model):
     with pytest.raises(wo.WeightOnlyError, match="does not match"):
         wo.plan_tensors(model, stored, {"0": "int8"}, 32)
     save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"),
-              metadata={"format": fastllm.INT4_FORMAT, "format_version": "1"})
+              metadata={"format": formats.INT4_FORMAT, "format_version": "1"})
     with pytest.raises(BundleError, match="expected 'ib-edge-weight-only'"):
         lowbit.read_weight_only(tmp_path)
 
@@ -168,8 +171,8 @@ def test_old_int4_checkpoints_still_load_on_the_fast_runtime(tmp_path):
     lm.save_pretrained(tmp_path / "fp32", safe_serialization=True)
     rec = int4.quantize_model_dir(tmp_path / "fp32", tmp_path / "int4", group_size=32)
     assert (rec["format"], rec["format_version"]) == ("ib-edge-int4", "1")
-    fast = fastllm.load(tmp_path / "int4", "torch")
-    assert isinstance(fast.lm_head, fastllm.Int4Linear)
+    fast = engines.load(tmp_path / "int4", "torch")
+    assert isinstance(fast.lm_head, Int4Linear)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +194,7 @@ def test_mixed_bundle_manifest_plan_and_generation(t5_mixed):
     assert sum(q["counts"].values()) == len(plan["precisions"]) == 37   # every T5 linear, lm_head included
     assert q["counts"] == wo.counts(plan["precisions"])
     assert [r["name"] for r in plan["sensitivity"]] == plan["order"]
-    assert q["validation"]["logits_cosine_mean"] >= wo.VALIDATION_BUDGET.min_cosine_mean
+    assert q["validation"]["logits_cosine_mean"] >= VALIDATION_BUDGET.min_cosine_mean
     pipe = Pipeline.load(t5_mixed)
     kinds = {type(mod).__name__ for mod in pipe.llm.model.modules()}
     if q["counts"]["int8"]:

@@ -1,0 +1,227 @@
+"""Decode speed of the fast LLM path: random int4 weights packed directly at a preset shape
+(TinyLlama 1.1B by default), both engines, transformers fp32 and (when installed)
+transformers + bitsandbytes NF4, in one process; tokens/s, GB/s of weights read and the percent
+of the read-bandwidth bound.
+
+    python -m ib_edge.bench.decode --threads 2                  # TinyLlama-shaped, group 128
+    python -m ib_edge.bench.decode --preset smoke               # a few MB, checks the benchmark itself
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+from torch import nn
+
+from ib_edge.runtime.decode import generate
+from ib_edge.runtime.engines import DEFAULT_ENGINE, ENGINES, assemble
+from ib_edge.runtime.formats import DEFAULT_GROUP_SIZE, KERNEL_GROUP_SIZES
+from ib_edge.runtime.int4 import Int4Linear, linear_bytes
+from ib_edge.runtime.llama import LAYER, PRESETS, FastLlama, LlamaArgs
+
+from .measure import best_time, memory_bandwidth, streaming_bound
+
+
+def random_int4_model(a: LlamaArgs, group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0, engine: str = DEFAULT_ENGINE,
+                      scale_spread: float = 0.0):
+    """Random weights straight in int4 (see random_int4_tensors) on ``engine``, for speed measurements."""
+    return assemble(a, random_int4_tensors(a, group_size, seed, scale_spread), group_size, engine)
+
+
+def random_int4_tensors(a: LlamaArgs, group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0,
+                        scale_spread: float = 0.0) -> dict[str, torch.Tensor]:
+    """transformers-named tensors with every linear in int4 (uniform nibbles, small scales);
+    ``scale_spread`` > 0 draws per-group scales and zero points too (for comparing engines)."""
+    g = torch.Generator().manual_seed(seed)
+    t: dict[str, torch.Tensor] = {}
+
+    def q4(name, n, k):
+        t[name + ".qweight"] = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+        t[name + ".scales"] = torch.full((n, k // group_size), 0.02 / 8)
+        t[name + ".qzeros"] = torch.full((n, k // group_size), 8, dtype=torch.uint8)
+        if scale_spread:
+            t[name + ".scales"] *= 1 + scale_spread * torch.rand(n, k // group_size, generator=g)
+            t[name + ".qzeros"] = torch.randint(4, 12, (n, k // group_size), dtype=torch.uint8, generator=g)
+
+    d, hd = a.hidden_size, a.hd
+    for i in range(a.n_layers):
+        p = LAYER.format(i)
+        for nm, n, k in (("self_attn.q_proj", a.n_heads * hd, d), ("self_attn.k_proj", a.n_kv_heads * hd, d),
+                         ("self_attn.v_proj", a.n_kv_heads * hd, d), ("self_attn.o_proj", d, a.n_heads * hd),
+                         ("mlp.gate_proj", a.intermediate_size, d), ("mlp.up_proj", a.intermediate_size, d),
+                         ("mlp.down_proj", d, a.intermediate_size)):
+            q4(p + nm, n, k)
+        t[p + "input_layernorm.weight"] = torch.ones(d)
+        t[p + "post_attention_layernorm.weight"] = torch.ones(d)
+    t["model.embed_tokens.weight"] = torch.randn(a.vocab_size, d, generator=g) * 0.02
+    t["model.norm.weight"] = torch.ones(d)
+    q4("lm_head", a.vocab_size, d)
+    return t
+
+
+def bench(preset: str = "tinyllama-1.1b", group_size: int = DEFAULT_GROUP_SIZE, prompt_len: int = 40, new_tokens: int = 32,
+          hf_tokens: int = 8, threads: int | None = None, nf4: bool = True, engine: str = DEFAULT_ENGINE) -> dict:
+    """Decode speed of the int4 path on ``engine`` (the headline figures), the other engine in
+    the same run, transformers fp32 and (when installed) transformers + bitsandbytes NF4."""
+    import resource
+
+    if threads:
+        torch.set_num_threads(threads)
+    a = PRESETS[preset]
+    emb = torch.randn(1, prompt_len, a.hidden_size) * 0.02
+
+    def measure(eng):
+        t0 = time.perf_counter()
+        model = random_int4_model(a, group_size, engine=eng)
+        build_s = time.perf_counter() - t0
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+        def run(n):
+            t0 = time.perf_counter()
+            ids = generate(model, emb, max_new_tokens=n)
+            return time.perf_counter() - t0, len(ids)
+
+        prefill_s, tps = _decode_timing(run, new_tokens)
+        out = {"engine": eng, "build_s": round(build_s, 1), "prefill_ms": round(prefill_s * 1e3, 1),
+               "decode_tok_s": round(tps, 2), "weight_MB_per_token": round(model.weight_bytes_per_token() / 1e6, 1),
+               "achieved_GB_s": round(model.weight_bytes_per_token() * tps / 1e9, 2),
+               "decode_ms_per_token": round(1e3 / tps, 2), "peak_rss_MB": round(rss)}
+        if eng == "torch":
+            out.update(_linears_alone(model))
+        return out
+
+    main = measure(engine)        # first: its peak RSS is its own
+    other = measure(next(e for e in ENGINES if e != engine))
+    # after the RSS readings: the probe's arrays are GiB-sized
+    probes = memory_bandwidth(64 if preset == "smoke" else 1024)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
+                      num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
+                      max_position_embeddings=a.max_positions, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(cfg).eval()
+    _, hf_tps = _hf_decode(hf, emb, hf_tokens)
+    nf4 = _nf4_decode(hf, emb, hf_tokens) if nf4 else {"measured": False, "reason": "--no-nf4"}
+    # the bound is the best streaming rate of this run: the probes and every system's own rate
+    hf_bytes = sum(p.numel() * p.element_size() for n, p in hf.named_parameters() if "embed_tokens" not in n)
+    del hf
+    eff = {f"{r['engine']} engine": r["achieved_GB_s"] for r in (main, other)}
+    eff["transformers fp32"] = hf_bytes * hf_tps / 1e9 if hf_tps == hf_tps else None
+    bw, bound_by = streaming_bound({k: v["gb_per_s"] for k, v in probes["probes"].items()}, eff)
+    for r in (main, other):
+        r["pct_of_bandwidth_bound"] = round(100 * r["achieved_GB_s"] / bw, 1)
+    tps = main["decode_tok_s"]
+    return {"preset": preset, "threads": torch.get_num_threads(), "group_size": group_size, "engine": engine,
+            "int4_build_s": main["build_s"], "int4_prefill_ms": main["prefill_ms"],
+            "int4_decode_tok_s": tps, "transformers_fp32_decode_tok_s": round(hf_tps, 2),
+            "speedup": round(tps / hf_tps, 2), "int4_weight_MB_per_token": main["weight_MB_per_token"],
+            "achieved_GB_s": main["achieved_GB_s"], "read_bandwidth_GB_s": round(bw, 2), "bound_set_by": bound_by,
+            "read_probes_GB_s": {k: v["gb_per_s"] for k, v in probes["probes"].items()},
+            "transformers_fp32_achieved_GB_s": None if eff["transformers fp32"] is None else round(eff["transformers fp32"], 2),
+            "pct_of_bandwidth_bound": main["pct_of_bandwidth_bound"],
+            "decode_ms_per_token": main["decode_ms_per_token"], "peak_rss_int4_MB": main["peak_rss_MB"],
+            "peak_rss_total_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            f"{other['engine']}_engine": other,
+            "transformers_bnb_nf4": nf4,
+            **({"speedup_vs_nf4": round(tps / nf4["decode_tok_s"], 2)} if nf4.get("measured") else {})}
+
+
+def _linears_alone(model: FastLlama, repeats: int = 3) -> dict:
+    """Where a decode step's time goes: every linear of the model run once on a 1-token input
+    (the kernels alone, weights streamed from DRAM as in decode; bytes = packed weights + scales),
+    and a plain ``torch.sum`` over the same packed int4 buffers (packed bytes only: what
+    reading them costs at best, one buffer at a time as the kernels read them)."""
+    lins = [m for m in model.modules() if isinstance(m, (Int4Linear, nn.Linear))]
+    xs = {m.in_features: torch.randn(1, m.in_features) for m in lins}
+    packed = [m.packed for m in lins if isinstance(m, Int4Linear)]
+
+    with torch.no_grad():
+        t_lin = best_time(lambda: [m(xs[m.in_features]) for m in lins], repeats, warmup=1)
+    # float sums of the raw bytes (integer sums are not vectorised: 5 GB/s measured), with
+    # denormals flushed so that bit patterns that read as subnormal floats take no slow path
+    torch.set_flush_denormal(True)
+    try:
+        t_read = best_time(lambda: [p.view(torch.float32).sum() for p in packed], repeats, warmup=1)
+    finally:
+        torch.set_flush_denormal(False)
+    n_packed = sum(p.numel() * p.element_size() for p in packed)
+    n_lin = sum(linear_bytes(m) for m in lins)
+    return {"linears_alone_ms_per_token": round(t_lin * 1e3, 2),
+            "linears_alone_GB_s": round(n_lin / t_lin / 1e9, 2),
+            "sum_over_packed_int4_GB_s": round(n_packed / t_read / 1e9, 2)}
+
+
+def _nf4_decode(hf, emb: torch.Tensor, n_tokens: int) -> dict:
+    """Decode tokens/s of the same random model through transformers + bitsandbytes NF4 (what a
+    user tries first): saved, then reloaded with BitsAndBytesConfig, fp32 compute on CPU."""
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return {"measured": False, "reason": "bitsandbytes is not installed"}
+    import bitsandbytes
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        t0 = time.perf_counter()
+        q = LlamaForCausalLM.from_pretrained(d, quantization_config=cfg, device_map={"": "cpu"}, trust_remote_code=False,
+                                             dtype=torch.float32).eval()
+        load_s = time.perf_counter() - t0
+    prefill, tps = _hf_decode(q, emb, n_tokens)
+    return {"measured": True, "bitsandbytes": bitsandbytes.__version__, "load_s": round(load_s, 1),
+            "prefill_ms": round(prefill * 1e3, 1), "decode_tok_s": round(tps, 2)}
+
+
+def _hf_decode(model, emb: torch.Tensor, n_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode tokens/s) of a transformers model's greedy ``generate`` on
+    ``emb``, after a warm-up (first-call costs; bitsandbytes packs its weights there)."""
+    def run(n):
+        t0 = time.perf_counter()
+        out = model.generate(inputs_embeds=emb, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - t0, out.shape[1]
+
+    with torch.no_grad():
+        return _decode_timing(run, n_tokens)
+
+
+def _decode_timing(run, n_tokens: int, repeats: int = 3) -> tuple[float, float]:
+    """(prefill seconds, decode tokens/s) from ``run(n) -> (seconds, tokens produced)``: one
+    warm-up, then the fastest of ``repeats`` runs of 1 token (the prefill) and of ``n_tokens``;
+    decode rate = the tokens after the first over the time after the prefill. Fastest-of, because
+    a single pair of runs on a busy 2-core machine can put the 1-token run above the n-token one."""
+    if n_tokens < 2:
+        raise ValueError("a decode rate needs at least 2 new tokens")
+    run(2)
+    prefill = min(run(1)[0] for _ in range(repeats))
+    total, produced = min(run(n_tokens) for _ in range(repeats))
+    if total <= prefill:  # timing noise swamped the decode time: say so rather than print a rate
+        return prefill, float("nan")
+    return prefill, (produced - 1) / (total - prefill)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m ib_edge.bench.decode",
+                                 description="Decode speed of the int4 fast path vs transformers fp32.")
+    ap.add_argument("--preset", default="tinyllama-1.1b", choices=sorted(PRESETS))
+    ap.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=KERNEL_GROUP_SIZES)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--hf-tokens", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-nf4", action="store_true", help="skip the transformers + bitsandbytes NF4 comparison")
+    ap.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
+                    help="engine of the headline figures (the other one is measured too)")
+    args = ap.parse_args(argv)
+    res = bench(args.preset, args.group_size, new_tokens=args.new_tokens, hf_tokens=args.hf_tokens,
+                threads=args.threads, nf4=not args.no_nf4, engine=args.engine)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

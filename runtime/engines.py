@@ -1,0 +1,62 @@
+"""Which engine runs a fast-path Llama, with the reasons, and loading one from a bundle directory.
+
+Two engines behind ``decode.DecoderEngine``: "ort" (``ortllm.OrtLlama``: the whole decoder step
+as one ONNX Runtime graph, MatMulNBits) and "torch" (``llama.FastLlama``: our forward, torch's
+int4 kernel). Weights come from transformers' ``config.json`` + safetensors, plain float or the
+``runtime.int4`` format.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .decode import DecoderEngine
+from .errors import InputError
+from .formats import CPU_ENGINES, INT4_FORMAT, INT4_FORMAT_VERSION
+from .int4 import read_config, read_tensors
+from .llama import LlamaArgs, ModelSpec, build_torch, check_shapes, collect
+from .ortllm import OrtLlama, ort_cannot_run
+
+ENGINES = CPU_ENGINES
+# preferred where it can run the model: ~1.5x the torch engine's decode rate on the
+# TinyLlama-shaped bench (30.8-51.0 vs 23.2-27.4 tokens/s over 8 runs, README)
+DEFAULT_ENGINE = "ort"
+
+
+def pick_engine(a: LlamaArgs, spec: ModelSpec) -> str:
+    """The default: the ort engine for int4 decoder layers it can run; torch otherwise (fp32
+    weights: ORT kept a second copy of dense weights, 1181 vs 691 MB RSS on a 533 MB model)."""
+    int4_layers = all(s.kind == "int4" for l in spec.layers for s in (l.qkv, l.o, l.gate_up, l.down))
+    return DEFAULT_ENGINE if int4_layers and ort_cannot_run(a, spec) is None else "torch"
+
+
+def assemble(a: LlamaArgs, tensors: dict[str, torch.Tensor], group_size: int | None, engine: str | None = None,
+             threads: int | None = None) -> DecoderEngine:
+    """The model on one engine: "torch" (FastLlama: our forward, torch's int4 kernel), "ort"
+    (ortllm.OrtLlama: the whole step as one ONNX Runtime graph with MatMulNBits), or None:
+    ``pick_engine``'s choice. ``model.engine`` says which."""
+    if engine == "cuda":  # the GPU engine (runtime/cudallm.py)
+        from .cudallm import CudaLlama
+
+        return CudaLlama(a, collect(a, tensors, group_size))
+    if engine is not None and engine not in ENGINES:
+        raise InputError(f"LLM engine {engine!r} is not one of {', '.join(ENGINES)}")
+    spec = collect(a, tensors, group_size)
+    engine = engine or pick_engine(a, spec)
+    if engine == "ort":
+        return OrtLlama(a, spec, threads)
+    return build_torch(a, spec)
+
+
+def load(model_dir: str | Path, engine: str | None = None, threads: int | None = None,
+         files: list[Path] | None = None) -> DecoderEngine:
+    """The LLM from ``config.json`` + safetensors (float weights or ib-edge int4) on ``engine``
+    (None: ``pick_engine``'s choice). ``files``: the safetensors to read (a bundle passes what its
+    manifest lists); None reads every ``*.safetensors`` in the directory (export-time use on a
+    directory the exporter just wrote)."""
+    a = LlamaArgs.from_config(read_config(model_dir))
+    tensors, group_size = read_tensors(model_dir, INT4_FORMAT, INT4_FORMAT_VERSION, required=False,
+                                       strip_prefix="language_model.", files=files)
+    check_shapes(a, tensors)
+    return assemble(a, tensors, group_size, engine, threads)
