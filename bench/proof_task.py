@@ -253,7 +253,7 @@ def read_eval_set(path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))  # the error column is then within the file's line
             except json.JSONDecodeError as e:
                 raise ValueError(f"line {n}: {e.msg} (column {e.colno})") from None
             if not isinstance(row, dict):
