@@ -401,7 +401,7 @@ def _bundle_source(path: Path, options: PlanOptions | None) -> Source:
     if not cfg_path or not cfg_path.is_file():
         raise PlanError(f"bundle {path} names source {model!r}, whose config.json is not here",
                         hint="plan from the checkpoint directory or config.json instead")
-    config = InstructBlipConfig.from_pretrained(str(cfg_path.parent))
+    config = InstructBlipConfig.from_pretrained(str(cfg_path.parent), trust_remote_code=False)
     llm = m.artifact("llm")
     quant = (llm.get("quantization") or {})
     llm_quant = {"int4": quant.get("method", "rtn"), "int8": "int8", "mixed": "mixed"}.get(llm.get("precision"))
