@@ -96,6 +96,17 @@ class Served:
             self.proc.wait()
 
 
+def run_concurrent(one, examples: list[dict], concurrency: int) -> dict:
+    """``one(i) -> (seconds, answer)`` for every example on ``concurrency`` threads: latency,
+    throughput and how many answers were right."""
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(len(examples))))
+    wall = time.perf_counter() - t0
+    correct = sum(proof_task.is_correct(a, ex["answer"]) for (_, a), ex in zip(results, examples))
+    return summary([lat for lat, _ in results], wall, correct, len(examples))
+
+
 def serve_load(client, model: str, examples: list[dict], concurrency: int, max_tokens: int) -> dict:
     urls = [data_url(ex["image"]) for ex in examples]  # encoded before the clock starts
 
@@ -105,12 +116,7 @@ def serve_load(client, model: str, examples: list[dict], concurrency: int, max_t
                                            max_tokens=max_tokens)
         return time.perf_counter() - t, r.choices[0].message.content
 
-    t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(one, range(len(examples))))
-    wall = time.perf_counter() - t0
-    correct = sum(proof_task.is_correct(a, ex["answer"]) for (_, a), ex in zip(results, examples))
-    return summary([lat for lat, _ in results], wall, correct, len(examples))
+    return run_concurrent(one, examples, concurrency)
 
 
 def ttft(client, model: str, examples: list[dict], max_tokens: int) -> dict:
@@ -153,12 +159,7 @@ def ib_run_load(bundle: str, examples: list[dict], concurrency: int, max_tokens:
                 raise SystemExit(f"ib-run failed: {out.stderr}")
             return time.perf_counter() - t, json.loads(out.stdout)["answer"]
 
-        t0 = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-            results = list(pool.map(one, range(len(examples))))
-        wall = time.perf_counter() - t0
-    correct = sum(proof_task.is_correct(a, ex["answer"]) for (_, a), ex in zip(results, examples))
-    return summary([lat for lat, _ in results], wall, correct, len(examples))
+        return run_concurrent(one, examples, concurrency)
 
 
 def table(res: dict) -> str:

@@ -269,15 +269,6 @@ def _normalize_modes(root: Path) -> None:
 
 def _replace(tmp: Path, out: Path) -> None:
     """Swap ``tmp`` into ``out``; an existing bundle is moved aside first and removed after."""
-    old = None
-    if out.exists():
-        old = _temp_path(out, "old")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    from ib_edge.fsutil import replace_dir
+
+    replace_dir(tmp, out, _temp_path(out, "old"))

@@ -296,19 +296,15 @@ class CudaLlama(nn.Module, StaticKVCache):
         self._drop_graph()
 
     # --- the static KV cache, in device memory ---------------------------------------------
-    def setup_cache(self, max_len: int, batch: int = 1) -> None:
-        a = self.a
-        if max_len > a.max_positions:
-            raise InputError(f"prompt + new tokens ({max_len}) exceed the LLM's {a.max_positions} positions")
-        if self.k_cache and self.max_len >= max_len and self.k_cache[0].shape[0] == batch:
-            return
+    cache_dtype = torch.bfloat16
+    cache_quantum = CACHE_QUANTUM      # one captured graph (and compile) serves many prompt lengths
+
+    @property
+    def cache_device(self):
+        return self.device
+
+    def _new_cache(self, max_len: int) -> None:
         self._drop_graph()
-        # lengths rounded up to CACHE_QUANTUM: one captured graph (and compile) serves many prompts
-        max_len = min(a.max_positions, -(-max_len // CACHE_QUANTUM) * CACHE_QUANTUM)
-        shape = (batch, a.n_kv_heads, max_len, a.hd)
-        self.k_cache = [torch.zeros(shape, dtype=torch.bfloat16, device=self.device) for _ in range(a.n_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=torch.bfloat16, device=self.device) for _ in range(a.n_layers)]
-        self.max_len = max_len
         self._key_pos = torch.arange(max_len, device=self.device)
 
     def expand_cache(self, batch: int) -> None:

@@ -51,15 +51,31 @@ class StaticKVCache:
     def _no_cache(self) -> None:
         self.k_cache, self.v_cache, self.max_len = [], [], 0
 
+    # what an engine's cache is made of: the CPU engines keep fp32 on the host; the cuda engine
+    # bf16 in device memory, lengths rounded up so one captured graph serves many prompts
+    cache_dtype = torch.float32
+    cache_quantum = 1
+
+    @property
+    def cache_device(self):
+        return torch.device("cpu")
+
+    def _new_cache(self, max_len: int) -> None:
+        """Hook: called before a new cache of ``max_len`` positions replaces the old one."""
+
     def setup_cache(self, max_len: int, batch: int = 1) -> None:
         a = self.a
         if max_len > a.max_positions:
             raise InputError(f"prompt + new tokens ({max_len}) exceed the LLM's {a.max_positions} positions")
         if self.k_cache and self.max_len >= max_len and self.k_cache[0].shape[0] == batch:
             return
+        max_len = min(a.max_positions, -(-max_len // self.cache_quantum) * self.cache_quantum)
+        self._new_cache(max_len)
         shape = (batch, a.n_kv_heads, max_len, a.hd)
-        self.k_cache = [torch.zeros(shape) for _ in range(a.n_layers)]
-        self.v_cache = [torch.zeros(shape) for _ in range(a.n_layers)]
+        self.k_cache = [torch.zeros(shape, dtype=self.cache_dtype, device=self.cache_device)
+                        for _ in range(a.n_layers)]
+        self.v_cache = [torch.zeros(shape, dtype=self.cache_dtype, device=self.cache_device)
+                        for _ in range(a.n_layers)]
         self.max_len = max_len
 
     def expand_cache(self, batch: int) -> None:

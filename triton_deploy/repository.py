@@ -208,15 +208,6 @@ def read_record(repo) -> dict:
 
 def _replace(tmp: Path, out: Path) -> None:
     """Swap ``tmp`` into ``out``; an existing repository is moved aside first and removed after."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    from ib_edge.fsutil import replace_dir
+
+    replace_dir(tmp, out, out.parent / f".{out.name}.old-{os.getpid()}")
