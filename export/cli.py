@@ -93,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     from ib_edge.runtime.pipeline import default_bundle_dir
 
     try:
+        # the planner's refusal first (it knows the real checkpoints' configs without downloading them)
+        if args.target is not None:  # the planner's refusal, before any work (bench/plan.py)
+            from ib_edge.bench.plan import check_export_fits
+
+            check_export_fits(args.model, args.target, precision=args.precision, llm_quant=args.llm_quant,
+                              group_size=args.group_size, context=args.context)
+        elif args.context is not None:
+            raise IbEdgeError("--context plans for a device; use it with --target")
         from .checkpoint import resolve
 
         _, kind = resolve(args.model)  # a bad name or path fails here, before torch and transformers are imported
@@ -102,13 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         from .onnx_export import ExportValidationError
         from .options import ExportOptions, TrtOptions
 
-        if args.target is not None:  # the planner's refusal, before any work (bench/plan.py)
-            from ib_edge.bench.plan import check_export_fits
-
-            check_export_fits(args.model, args.target, precision=args.precision, llm_quant=args.llm_quant,
-                              group_size=args.group_size, context=args.context)
-        elif args.context is not None:
-            raise IbEdgeError("--context plans for a device; use it with --target")
         out = args.out or default_bundle_dir()
         trt = TrtOptions(workspace_mb=args.trt_workspace_mb, batch=_triple(args.trt_batch, "--trt-batch"),
                          text_len=_triple(args.trt_text_len, "--trt-text-len"))
