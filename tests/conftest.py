@@ -86,15 +86,6 @@ def quant_bundle_dir(tmp_path_factory, reference_dir):
 
 
 @pytest.fixture(scope="session")
-def rtn_bundle(reference_dir, tmp_path_factory):
-    """The reference llama exported with an RTN int4 LLM (group 32) on the fast runtime."""
-    from ib_edge.export.bundle import export_bundle
-
-    return export_bundle(str(reference_dir("llama")), tmp_path_factory.mktemp("rtn") / "b", llm_quant="rtn",
-                         group_size=32, quiet=True)
-
-
-@pytest.fixture(scope="session")
 def heldout_images():
     """Images never calibrated on: scikit-image photos outside the calibration set, plus
     proof-task scenes from a fresh random stream."""
