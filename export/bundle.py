@@ -27,7 +27,7 @@ from ib_edge.runtime.manifest import MANIFEST, SCHEMA_VERSION, sha256_file
 from . import onnx_export, specs, wrappers
 from .checkpoint import load_checkpoint
 from .llm_steps import quantize_bundle_llm, weight_only_bundle_llm
-from .options import WEIGHT_ONLY, ExportError, ExportOptions, TrtOptions
+from .options import WEIGHT_ONLY, ExportError, ExportOptions, TrtOptions, check_cancelled
 from .plan import check_replaceable, plan_export  # noqa: F401  (check_replaceable: re-exported)
 from .records import check_tokenizers, graph_record, hashed_files, model_record, preprocess_record, tool_versions
 
@@ -48,7 +48,11 @@ def export_bundle(model_ref: str | None, out: Path, **options) -> Path:
     out, calib_set, recipes, llm_plan = plan.out, plan.calib_set, plan.recipes, plan.llm_plan
     precision, llm_quant, group_size = o.precision, o.llm_quant, o.group_size
     log = (lambda m: None) if o.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    step = plan.progress(log)
+    next_step = plan.progress(log)
+
+    def step(kind: str) -> None:
+        check_cancelled()
+        next_step(kind)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp(out, log)
     tmp = _temp_path(out, "tmp")
@@ -161,6 +165,7 @@ def export_bundle(model_ref: str | None, out: Path, **options) -> Path:
         if llm_quant:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _normalize_modes(tmp)
+        check_cancelled()
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

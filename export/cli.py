@@ -81,6 +81,9 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, frame):
+    from .options import cancel  # already imported by build_parser: no import inside the handler
+
+    cancel(signal.Signals(signum).name)   # the backstop, should this raise be swallowed (see cancel)
     raise Terminated(signal.Signals(signum).name)
 
 
@@ -89,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     _silence_libraries()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
+    default_unraisable = sys.unraisablehook
+
+    def unraisable(u):  # a Terminated raised inside a finalizer: no traceback; the cancel flag acts
+        if not isinstance(u.exc_value, KeyboardInterrupt):
+            default_unraisable(u)
+
+    sys.unraisablehook = unraisable
     from ib_edge.runtime.errors import IbEdgeError
     from ib_edge.runtime.pipeline import default_bundle_dir
 
@@ -135,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ib-export: error: {e.line()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        what = f"terminated ({e})" if isinstance(e, Terminated) else "interrupted"
+        from .options import ExportCancelled
+
+        term = isinstance(e, (Terminated, ExportCancelled))
+        what = f"terminated ({e})" if term else "interrupted"
         print(f"ib-export: {what}; no bundle was written", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        return 143 if term else 130
     except Exception as e:
         if os.environ.get("IB_EDGE_DEBUG"):
             raise

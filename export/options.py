@@ -91,3 +91,23 @@ class ExportOptions:
     def fields(self) -> dict:
         """The options as ``export_bundle`` keyword arguments."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+class ExportCancelled(KeyboardInterrupt):
+    """The export was asked to stop (``cancel``, e.g. from a SIGTERM handler)."""
+
+
+_cancel_reason: list[str] = []   # set by cancel(); read at every step boundary
+
+
+def cancel(reason: str) -> None:
+    """Ask a running export to stop at its next step boundary (and before its final rename).
+    A signal handler also raises at once, but an exception raised inside a finalizer
+    (``__del__``) is printed and dropped by Python: measured, an export SIGTERMed while a
+    ``regex`` object was collected went on to write its bundle. This is the backstop."""
+    _cancel_reason.append(reason)
+
+
+def check_cancelled() -> None:
+    if _cancel_reason:
+        raise ExportCancelled(_cancel_reason[0])

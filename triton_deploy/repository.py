@@ -152,7 +152,9 @@ def _write_version_dir(manifest: Manifest, model: str, vdir: Path, variant: str)
         if name in ("vision", "qformer"):
             rename = ENGINE_FILE[manifest.artifact(name).get("backend", "onnxruntime")]
         arts[name] = _copy_artifact(manifest, name, vdir, rename)
-    sub = {**manifest.data, "artifacts": arts}
+    # the other artifacts' records stay (the manifest schema wants the whole bundle described);
+    # this model verifies and reads only its own, whose files are here
+    sub = {**manifest.data, "artifacts": {**manifest.data["artifacts"], **arts}}
     (vdir / MANIFEST).write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
     if variant == "python" or model in ("llm", "instructblip"):
         (vdir / "model.py").write_text(MODEL_PY.format(name=model, cls=MODEL_CLASSES[model]), encoding="utf-8")
