@@ -67,6 +67,16 @@ def _load(model_or_path):
     return model_or_path
 
 
+def _links(g) -> tuple[dict, dict[str, list]]:
+    """(tensor -> the node making it, tensor -> the nodes reading it) of a graph."""
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return producer, consumers
+
+
 def issue_4832_problems(model) -> list[str]:
     """One line per Q/DQ with an fp16 scale whose float side meets fp32: a QuantizeLinear whose
     input is fp32 or comes (through pass-through ops) from a Cast of an fp32 tensor, or a
@@ -76,11 +86,7 @@ def issue_4832_problems(model) -> list[str]:
     model = _load(model)
     types = _elem_types(model)
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = _links(g)
     fp32, fp16 = TensorProto.FLOAT, TensorProto.FLOAT16
 
     def upstream(t):  # the tensor behind pass-through ops, and the op that made it
@@ -188,11 +194,7 @@ def _bypass_fp32_neighbours(model) -> list[str]:
 
     types = _elem_types(model)
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = _links(g)
 
     def from_fp32_cast(t):
         p, seen = producer.get(t), set()

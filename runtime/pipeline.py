@@ -91,11 +91,11 @@ class Pipeline:
     def llm(self):
         if self._llm is None:  # torch/transformers load only when text is generated
             # the LLM is read now, maybe long after load(): check again what is about to be read
-            if self._verify:
+            if self._verify:  # changed files are re-hashed, so load()'s code check still holds
                 self.manifest.reverify("llm")
             else:
                 self.manifest.check_listed(["llm"])
-            self.manifest.refuse_code()
+                self.manifest.refuse_code()
             if self.manifest.record("llm").backend == "fastllm":
                 from .llm import FastLLM
 
