@@ -77,6 +77,39 @@ def _links(g) -> tuple[dict, dict[str, list]]:
     return producer, consumers
 
 
+def _upstream(producer: dict, t: str):
+    """The tensor behind pass-through ops from ``t``, and the node that made it (or None)."""
+    seen = set()
+    while t not in seen:
+        seen.add(t)
+        p = producer.get(t)
+        if p is None or p.op_type not in PASS_THROUGH:
+            return t, p
+        t = p.input[0]
+    return t, producer.get(t)
+
+
+def _downstream(consumers: dict, t: str) -> list:
+    """Every (tensor, consumer) reached from ``t`` through pass-through ops."""
+    out, todo, seen = [], [t], set()
+    while todo:
+        cur = todo.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        for c in consumers.get(cur, []):
+            out.append((cur, c))
+            if c.op_type in PASS_THROUGH:
+                todo.extend(c.output)
+    return out
+
+
+def _casts_to_fp32(node) -> bool:
+    from onnx import TensorProto
+
+    return node.op_type == "Cast" and next((a.i for a in node.attribute if a.name == "to"), None) == TensorProto.FLOAT
+
+
 def issue_4832_problems(model) -> list[str]:
     """One line per Q/DQ with an fp16 scale whose float side meets fp32: a QuantizeLinear whose
     input is fp32 or comes (through pass-through ops) from a Cast of an fp32 tensor, or a
@@ -89,36 +122,13 @@ def issue_4832_problems(model) -> list[str]:
     producer, consumers = _links(g)
     fp32, fp16 = TensorProto.FLOAT, TensorProto.FLOAT16
 
-    def upstream(t):  # the tensor behind pass-through ops, and the op that made it
-        seen = set()
-        while t not in seen:
-            seen.add(t)
-            p = producer.get(t)
-            if p is None or p.op_type not in PASS_THROUGH:
-                return t, p
-            t = p.input[0]
-        return t, producer.get(t)
-
-    def downstream(t):  # every (tensor, consumer) reached through pass-through ops
-        out, todo, seen = [], [t], set()
-        while todo:
-            cur = todo.pop()
-            if cur in seen:
-                continue
-            seen.add(cur)
-            for c in consumers.get(cur, []):
-                out.append((cur, c))
-                if c.op_type in PASS_THROUGH:
-                    todo.extend(c.output)
-        return out
-
     problems = []
     for n in g.node:
         if n.op_type not in QDQ or len(n.input) < 2 or types.get(n.input[1]) != fp16:
             continue
         name = n.name or n.output[0]
         if n.op_type == "QuantizeLinear":
-            src, p = upstream(n.input[0])
+            src, p = _upstream(producer, n.input[0])
             if types.get(n.input[0]) == fp32 or types.get(src) == fp32:
                 problems.append(f"QuantizeLinear {name}: fp32 input {src!r} with an fp16 scale")
             elif p is not None and p.op_type == "Cast" and types.get(p.input[0]) == fp32:
@@ -127,9 +137,8 @@ def issue_4832_problems(model) -> list[str]:
         else:
             if types.get(n.output[0]) == fp32:
                 problems.append(f"DequantizeLinear {name}: fp32 output with an fp16 scale")
-            for t, c in downstream(n.output[0]):
-                to = next((a.i for a in c.attribute if a.name == "to"), None)
-                if c.op_type == "Cast" and to == fp32:
+            for t, c in _downstream(consumers, n.output[0]):
+                if _casts_to_fp32(c):
                     problems.append(f"DequantizeLinear {name}: output {t!r} is Cast to fp32 by "
                                     f"{c.name or c.output[0]!r}")
     return problems
@@ -197,26 +206,11 @@ def _bypass_fp32_neighbours(model) -> list[str]:
     producer, consumers = _links(g)
 
     def from_fp32_cast(t):
-        p, seen = producer.get(t), set()
-        while p is not None and p.op_type in PASS_THROUGH and t not in seen:
-            seen.add(t)
-            t = p.input[0]
-            p = producer.get(t)
+        _, p = _upstream(producer, t)
         return p is not None and p.op_type == "Cast" and types.get(p.input[0]) == TensorProto.FLOAT
 
     def to_fp32_cast(t):
-        todo, seen = [t], set()
-        while todo:
-            cur = todo.pop()
-            if cur in seen:
-                continue
-            seen.add(cur)
-            for c in consumers.get(cur, []):
-                if c.op_type == "Cast" and next((a.i for a in c.attribute if a.name == "to"), None) == TensorProto.FLOAT:
-                    return True
-                if c.op_type in PASS_THROUGH:
-                    todo.extend(c.output)
-        return False
+        return any(_casts_to_fp32(c) for _, c in _downstream(consumers, t))
 
     drop, kept_fp16 = set(), []
     for q in g.node:

@@ -17,7 +17,11 @@ import math
 import os
 import sys
 
+from .errors import BundleError, IbEdgeError, cli_failure
+
 EXIT_INPUT, EXIT_BUNDLE, EXIT_INTERNAL = 2, 3, 4
+# BundleError before its base IbEdgeError (InputError and the rest are input problems).
+EXIT_CODES = ((BundleError, EXIT_BUNDLE), (IbEdgeError, EXIT_INPUT))
 PROOF_NOTE = ("ib-run: note: this bundle holds the embedded proof model, which only knows the synthetic shapes "
               "task (coloured circles, squares and triangles: colour, shape, count, side); for real photos export "
               "a real checkpoint: ib-export Salesforce/instructblip-flan-t5-xl --out DIR (or a local "
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print("ib-run: error: standard output is closed; nowhere to write the answer", file=sys.stderr)
         return EXIT_INPUT
     _quiet_libraries()
-    from .errors import BundleError, IbEdgeError, InputError
+    from .errors import InputError
 
     try:
         from .pipeline import Pipeline
@@ -182,28 +186,14 @@ def main(argv: list[str] | None = None) -> int:
         if (pipe.manifest.data.get("source") or {}).get("kind") == "proof":
             print(PROOF_NOTE, file=sys.stderr)
         return 0
-    except InputError as e:
-        print(f"ib-run: error: {e.line()}", file=sys.stderr)
-        return EXIT_INPUT
-    except BundleError as e:
-        print(f"ib-run: error: {e.line()}", file=sys.stderr)
-        return EXIT_BUNDLE
-    except IbEdgeError as e:
-        print(f"ib-run: error: {e.line()}", file=sys.stderr)
-        return EXIT_INPUT
     except BrokenPipeError:
         _stdout_closed()
         print("ib-run: error: standard output was closed before the answer was written", file=sys.stderr)
         return EXIT_INPUT
-    except KeyboardInterrupt:
-        print("ib-run: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # a bug, not bad input: still one line unless debugging
-        if os.environ.get("IB_EDGE_DEBUG"):
-            raise
-        print(f"ib-run: internal error: {type(e).__name__}: {e} (set IB_EDGE_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return EXIT_INTERNAL
+    except Exception as e:  # ours: one line and its code; a bug: one line unless IB_EDGE_DEBUG=1
+        return cli_failure("ib-run", e, codes=EXIT_CODES)
+    except KeyboardInterrupt as e:
+        return cli_failure("ib-run", e)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,8 @@ from torch import nn
 
 from .errors import BundleError, InputError
 from .decode import StaticKVCache
-from .formats import CPU_ENGINES, KERNEL_GROUP_SIZES
-from .int4 import unpack_nibbles
+from .formats import CPU_ENGINES
+from .int4 import check_int4_shapes, unpack_nibbles
 from .llama import LinearSpec, LlamaArgs, ModelSpec, rope_freqs
 
 MIN_CAPABILITY = (8, 0)       # int4mm.cu: __CUDA_ARCH__ >= 800
@@ -107,13 +107,7 @@ def tinygemm_inputs(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.T
     even k, and scales_and_zeros bf16 [K/G, Np, 2] with z = (8 - zp) * s (the kernel computes
     (q - 8) * s + z). Np = N rounded up to ``n_align``; padded rows dequantize to 0 (q = 8,
     s = z = 0) and their outputs are sliced off."""
-    n, k = qweight.shape[0], qweight.shape[1] * 2
-    if group_size not in KERNEL_GROUP_SIZES or k % group_size:
-        raise BundleError(f"int4 group size {group_size} with in_features {k} is not supported by torch's int4 "
-                          f"kernels (group size one of {KERNEL_GROUP_SIZES}, dividing in_features)")
-    if scales.shape != (n, k // group_size) or qzeros.shape != scales.shape:
-        raise BundleError(f"int4 scales/zeros shapes {tuple(scales.shape)}/{tuple(qzeros.shape)} do not "
-                          f"match weight [{n}, {k}] with group size {group_size}")
+    n, k = check_int4_shapes(qweight, scales, qzeros, group_size, "torch's CUDA int4 kernels")
     qw = qweight.to(torch.uint8)
     swapped = ((qw & 0x0F) << 4) | (qw >> 4)
     s = scales.float()

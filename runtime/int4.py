@@ -37,6 +37,19 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
 
 
+def check_int4_shapes(qweight, scales, qzeros, group_size: int, kernel: str) -> tuple[int, int]:
+    """(out_features, in_features) of a portable int4 weight whose group size ``kernel`` supports
+    and whose scales/zeros match it; a BundleError naming the mismatch otherwise."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    if group_size not in KERNEL_GROUP_SIZES or k % group_size:
+        raise BundleError(f"int4 group size {group_size} with in_features {k} is not supported by {kernel} "
+                          f"(group size one of {KERNEL_GROUP_SIZES}, dividing in_features)")
+    if tuple(scales.shape) != (n, k // group_size) or tuple(qzeros.shape) != tuple(scales.shape):
+        raise BundleError(f"int4 scales/zeros shapes {tuple(scales.shape)}/{tuple(qzeros.shape)} do not "
+                          f"match weight [{n}, {k}] with group size {group_size}")
+    return n, k
+
+
 class Int4Linear(nn.Module):
     """y = x @ W.T (+ b) with W in group-wise asymmetric int4 on torch's CPU int4 kernel."""
 
@@ -52,13 +65,7 @@ class Int4Linear(nn.Module):
     def from_int4(cls, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, group_size: int,
                   bias: torch.Tensor | None = None) -> "Int4Linear":
         """qweight uint8 [N, K/2] (portable nibbles), scales [N, K/G], qzeros [N, K/G] integer zero points."""
-        n, k = qweight.shape[0], qweight.shape[1] * 2
-        if group_size not in KERNEL_GROUP_SIZES or k % group_size:
-            raise BundleError(f"int4 group size {group_size} with in_features {k} is not supported by the CPU "
-                              f"kernel (group size one of {KERNEL_GROUP_SIZES}, dividing in_features)")
-        if scales.shape != (n, k // group_size) or qzeros.shape != scales.shape:
-            raise BundleError(f"int4 scales/zeros shapes {tuple(scales.shape)}/{tuple(qzeros.shape)} do not "
-                              f"match weight [{n}, {k}] with group size {group_size}")
+        n, k = check_int4_shapes(qweight, scales, qzeros, group_size, "the CPU kernel")
         q = unpack_nibbles(qweight).to(torch.int32)
         s = scales.float()
         z = (8.0 - qzeros.float()) * s          # (q - zp) * s == (q - 8) * s + (8 - zp) * s

@@ -16,7 +16,8 @@ import os
 import socket
 import sys
 
-from ib_edge.runtime.cli import EXIT_BUNDLE, EXIT_INPUT, _quiet_libraries
+from ib_edge.runtime.cli import EXIT_BUNDLE, EXIT_CODES, EXIT_INPUT, _quiet_libraries
+from ib_edge.runtime.errors import cli_failure
 
 from .options import ServeOptions
 
@@ -123,12 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                               hint="pip install 'ib-edge[serve]'") from None
         Manifest.load(opts.bundle if opts.bundle is not None else default_bundle_dir())  # a missing bundle fails now
         sock = bind(opts.host, opts.port)
-    except BundleError as e:
-        print(f"ib-serve: error: {e.line()}", file=sys.stderr)
-        return EXIT_BUNDLE
     except IbEdgeError as e:
-        print(f"ib-serve: error: {e.line()}", file=sys.stderr)
-        return EXIT_INPUT
+        return cli_failure("ib-serve", e, codes=EXIT_CODES)
     from .app import create_app
 
     fatal: list[BaseException] = []
