@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[test,bench,llm,serve]"
+	$(PIP) -e ".[test,bench,llm,serve,video]"
 	touch $@
 
 # The main job on the embedded default model (proof-llama): export a bundle, then ask it

@@ -67,7 +67,8 @@ def read_eval_file(path: Path) -> list[dict]:
         return proof_task.read_eval_set(path)
     except (ValueError, OSError) as e:
         raise BenchError(f"cannot read eval file {path}: {e}",
-                         hint='one JSON object per line: {"image", "question", "answer"} (+ "type")') from None
+                         hint='one JSON object per line: {"image" (or "frames": [paths]), "question", "answer"} '
+                              '(+ "type")') from None
 
 
 def load_examples(cfg: BenchConfig) -> tuple[list[dict], dict]:
@@ -79,8 +80,9 @@ def load_examples(cfg: BenchConfig) -> tuple[list[dict], dict]:
         rows = read_eval_file(path)
         if cfg.n_eval is not None:
             rows = rows[:cfg.n_eval]
-        examples = [{"image": load_image(r["image"]), "image_ref": r["image"], "question": r["question"],
-                     "answer": r["answer"], "type": r["type"]} for r in rows]
+        examples = [{"image": [load_image(f) for f in r["frames"]] if "frames" in r else load_image(r["image"]),
+                     "image_ref": r["frames"] if "frames" in r else r["image"], "question": r["question"],
+                     "answer": r["answer"], "type": r["type"]} for r in rows]  # frames: a video bundle's input
         record = {"source": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                   "seed": None}
     else:
@@ -329,6 +331,8 @@ def resolve_source(cfg: BenchConfig, reference: str | None, bundles: list[str]) 
     """-> (checkpoint path for from_pretrained, or None, and where it came from / why not)."""
     from ib_edge.export.checkpoint import ModelLoadError, resolve
 
+    if _manifest(reference or bundles[0]).frames is not None:
+        return None, "a video bundle: the transformers baselines run InstructBLIP image models"
     if cfg.source:
         ref, origin = cfg.source, "--source"
     else:

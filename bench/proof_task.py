@@ -243,7 +243,7 @@ def write_eval_set(out_dir, n: int, seed: int) -> Path:
 
 def read_eval_set(path) -> list[dict]:
     """Rows of an eval jsonl, validated: each line an object with string ``image`` (resolved to
-    an absolute path), ``question`` and ``answer`` (numbers are taken as their text), and an
+    an absolute path; a video entry has ``frames``, a list of paths, instead), ``question`` and ``answer`` (numbers are taken as their text), and an
     optional ``type`` (likewise; absent: "untyped"). A bad row raises ValueError naming the
     file's line."""
     path = Path(path)
@@ -258,10 +258,20 @@ def read_eval_set(path) -> list[dict]:
                 raise ValueError(f"line {n}: {e.msg} (column {e.colno})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"line {n}: a row must be a JSON object, not {type(row).__name__}")
-            missing = [k for k in ("image", "question", "answer") if k not in row]
+            frames = row.get("frames")  # a video entry: "frames": [paths] instead of "image"
+            if frames is not None:
+                if "image" in row:
+                    raise ValueError(f"line {n}: has both image and frames (a video entry lists its frames only)")
+                if (not isinstance(frames, list) or not frames
+                        or any(not isinstance(f, str) or not f.strip() for f in frames)):
+                    raise ValueError(f"line {n}: frames must be a non-empty list of image paths, "
+                                     f"got {json.dumps(frames)[:40]}")
+                row["frames"] = [str((Path(f) if Path(f).is_absolute() else path.parent / f).resolve())
+                                 for f in frames]
+            missing = [k for k in ("image", "question", "answer") if k not in row and not (k == "image" and frames)]
             if missing:
                 raise ValueError(f"line {n}: lacks {', '.join(missing)}")
-            for key in ("image", "question", "answer", "type"):
+            for key in ("question", "answer", "type") if frames is not None else ("image", "question", "answer", "type"):
                 v = row.get(key)
                 if key == "type" and v is None:
                     row[key] = "untyped"
@@ -269,10 +279,11 @@ def read_eval_set(path) -> list[dict]:
                     row[key] = str(v)
                 elif not isinstance(v, str) or not v.strip():
                     raise ValueError(f"line {n}: {key} must be non-empty text, got {json.dumps(v)[:40]}")
-            img = Path(row["image"])
-            if not img.is_absolute():
-                img = path.parent / img
-            row["image"] = str(img.resolve())
+            if frames is None:
+                img = Path(row["image"])
+                if not img.is_absolute():
+                    img = path.parent / img
+                row["image"] = str(img.resolve())
             rows.append(row)
     return rows
 

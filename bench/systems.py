@@ -56,14 +56,15 @@ class BundleSystem:
         """The boundary tensors for drift: image_embeds, query_embeds (this bundle's chain),
         query_embeds_stage (this Q-Former fed the reference's image_embeds) and the LLM's
         next-token logits after the prompt."""
-        enc = self.pipe.prompts.encode(question)
-        img = self.pipe.image_embeds(self.pipe.pixel_values([image]))
-        q = self.pipe.query_embeds(img, enc["qformer_input_ids"], enc["qformer_attention_mask"])
+        frames = self.manifest.frames  # a video bundle: image is its frames; embeddings [F, ...], queries [1, F*Q, D]
+        enc = self.pipe.prompts.encode(question, frames=frames)
+        pv = self.pipe.pixel_values([image]) if frames is None else self.pipe.video_pixel_values(image)
+        img = self.pipe.image_embeds(pv)
+        q = self.pipe.frame_query_embeds(img, enc)
         out = {"image_embeds": img, "query_embeds": q,
                "next_token_logits": self.pipe.llm.next_token_logits(q, enc["input_ids"], enc["attention_mask"])}
         if ref_image_embeds is not None and ref_image_embeds.shape == img.shape:
-            out["query_embeds_stage"] = self.pipe.query_embeds(
-                ref_image_embeds, enc["qformer_input_ids"], enc["qformer_attention_mask"])
+            out["query_embeds_stage"] = self.pipe.frame_query_embeds(ref_image_embeds, enc)
         return out
 
     @property

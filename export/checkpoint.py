@@ -148,12 +148,14 @@ class VideoProcessorParts:
 def video_record(model, processor, kind: str) -> dict:
     """The manifest's video fields: the frame count the processor hard-codes and the LLM token
     whose positions take the frames' query embeddings. A checkpoint loaded as a video model
-    from an image InstructBLIP checkpoint (transformers' docs do so) has no ``video_token_index``:
-    its ``<image>`` token is the placeholder (any in-vocabulary id is: its embedding is replaced)."""
+    from an image InstructBLIP checkpoint (transformers' docs do so) may have no ``video_token_index``
+    (transformers' generate then fails): its tokenizer's ``<video>`` token is the placeholder if it
+    has one, else its ``<image>`` token (any in-vocabulary id serves: its embedding is replaced)."""
     cfg = model.config
     vid = getattr(cfg, "video_token_index", None)
-    if vid is None:
-        vid = getattr(cfg, "image_token_index", None)
+    if vid is None:  # the tokenizer's own <video> (InstructBlipVideoProcessor's token) if it has one, else <image>
+        vid = (getattr(processor, "tokenizer", None) and processor.tokenizer.get_vocab().get("<video>"))
+        vid = vid if vid is not None else getattr(cfg, "image_token_index", None)
     rows = model.language_model.get_input_embeddings().weight.shape[0]
     if vid is None or not 0 <= int(vid) < rows:
         raise ModelLoadError(f"this checkpoint has no usable video token (video_token_index={vid}, "

@@ -1,10 +1,11 @@
 """ib-export: turn an InstructBLIP checkpoint into a deploy bundle.
 
-    ib-export [MODEL] [--out DIR] [--precision fp32|fp16|int8] [--calib DIR] [--recipe DIR]
+    ib-export [MODEL] [--out DIR] [--video] [--precision fp32|fp16|int8] [--calib DIR] [--recipe DIR]
               [--llm-quant rtn|gptq|awq|int8|mixed] [--llm-calib multimodal|text] [--llm-validation enforce|record] [--llm-plan PATH] [--revision REV] [--opset 18]
 
 MODEL is a shipped proof model (proof-llama, the default; proof-t5), a local checkpoint
-directory, or a hub id such as Salesforce/instructblip-vicuna-7b.
+directory, or a hub id such as Salesforce/instructblip-vicuna-7b. An InstructBlipVideo checkpoint
+makes a video bundle; --video loads an image InstructBLIP checkpoint as a video model.
 """
 from __future__ import annotations
 
@@ -139,7 +140,13 @@ def main(argv: list[str] | None = None) -> int:
                 note = ("; note: the embedded proof model only knows the synthetic shapes task (python -m "
                         "ib_edge.bench.proof_task makes images); for real photos export a real checkpoint: "
                         "ib-export Salesforce/instructblip-flan-t5-xl --out DIR (or a local checkpoint directory)")
-            print(f"try: ib-run{bundle_arg} IMAGE \"Describe this image.\"{note}", file=sys.stderr)
+            from ib_edge.runtime.manifest import Manifest
+
+            frames = Manifest.load(path).frames
+            what = ("IMAGE \"Describe this image.\"" if frames is None else
+                    " ".join(f"--frame F{i + 1}" for i in range(frames)) + " \"Describe this video.\" (or a GIF/mp4 "
+                    "in place of the frames)")
+            print(f"try: ib-run{bundle_arg} {what}{note}", file=sys.stderr)
         return 0
     except IbEdgeError as e:
         print(f"ib-export: error: {e.line()}", file=sys.stderr)

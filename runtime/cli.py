@@ -161,16 +161,17 @@ def main(argv: list[str] | None = None) -> int:
         # Check the cheap things (image, prompt) before loading the models.
         from .preprocess import load_image
 
-        if args.frame:
-            image, video = None, [load_image(f) for f in args.frame]
-        elif args.image is None:
+        if args.image is None and not args.frame:
             raise InputError("give an IMAGE (or a video bundle's --frame F1 --frame F2 ...) and a PROMPT")
-        else:
-            from .video import load_frames
-            from .manifest import Manifest
+        from .manifest import Manifest
+        from .video import load_frames
 
-            frames = Manifest.load(args.bundle if args.bundle is not None else default_bundle_dir()).frames
-            image, video = (load_image(args.image), None) if frames is None else (None, load_frames(args.image, frames))
+        frames = Manifest.load(args.bundle if args.bundle is not None else default_bundle_dir()).frames
+        if args.frame and frames is None:
+            raise InputError("this bundle is an image model: it takes one image, not video frames",
+                             hint="pass one IMAGE, or export a video bundle: ib-export CHECKPOINT --video")
+        image, video = ((load_image(args.image), None) if frames is None else
+                        (None, load_frames(args.frame or args.image, frames)))  # a frame count or a video file
         pipe = Pipeline.load(args.bundle, providers=providers, threads=args.threads, verify=not args.no_verify,
                              llm_engine=args.llm_engine, device=args.device)
         for prompt in args.prompt:

@@ -133,12 +133,21 @@ class Pipeline:
         return self.qformer(image_embeds=image_embeds, qformer_input_ids=qformer_input_ids,
                             qformer_attention_mask=qformer_attention_mask)["query_embeds"]
 
+    def frame_query_embeds(self, image_embeds: np.ndarray, enc: dict) -> np.ndarray:
+        """One prompt's query embeddings over ``image_embeds``' rows (one image, or a video's
+        frames): each row its own Q-Former pass with the same instruction (the model's
+        ``repeat_interleave``), then [1, rows*Q, D] in frame order (its ``reshape``)."""
+        n = image_embeds.shape[0]
+        q = self.query_embeds(image_embeds, np.repeat(enc["qformer_input_ids"], n, axis=0),
+                              np.repeat(enc["qformer_attention_mask"], n, axis=0))
+        return q.reshape(1, n * q.shape[1], q.shape[2])
+
     # --- end to end -----------------------------------------------------------------------
     def run(self, image=None, prompt: str | None = None, *, video=None, max_new_tokens: int = 32,
             num_beams: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
             on_text=None, min_new_tokens: int = 0) -> Result:
         """``image`` for an image bundle; ``video`` (its frame count of frames, or a video file)
-        for a video bundle, whose ``image`` may also be a video file.
+        for a video bundle, whose ``image`` may also be a video file or a list of frames.
         ``min_new_tokens``: EOS suppressed before that many tokens (the benchmark's fixed length)."""
         t = {}
         t0 = time.perf_counter()
@@ -146,7 +155,7 @@ class Pipeline:
         if video is not None and image is not None:
             raise InputError("give an image or a video, not both")
         if frames is not None and video is None:
-            if image is None or not isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
+            if image is None or not isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview, list, tuple)):
                 raise InputError(f"this bundle is a video model: it takes {frames} frames (video=[...]) or a video "
                                  "file, not one image")
             image, video = None, image
@@ -157,10 +166,7 @@ class Pipeline:
         t1 = time.perf_counter()
         img = self.image_embeds(pv)
         t2 = time.perf_counter()
-        n = pv.shape[0]  # frames: each its own Q-Former pass with the same instruction (repeat_interleave)
-        q = self.query_embeds(img, np.repeat(enc["qformer_input_ids"], n, axis=0),
-                              np.repeat(enc["qformer_attention_mask"], n, axis=0))
-        q = q.reshape(1, n * q.shape[1], q.shape[2])  # [1, F*Q, D] in frame order, as the model reshapes
+        q = self.frame_query_embeds(img, enc)
         t3 = time.perf_counter()
         llm = self.llm
         t4 = time.perf_counter()

@@ -71,13 +71,17 @@ def _pillow_frames(img, what: str, frames: int) -> list:
     """An animated GIF/PNG/WebP through Pillow; a still image is not a video."""
     from PIL import Image
 
-    total = int(getattr(img, "n_frames", 1))
+    _check_pixels(*img.size, what)
+    try:
+        img.load()  # the first frame: a truncated file fails here rather than passing for a still image
+        total = int(getattr(img, "n_frames", 1))
+    except (OSError, EOFError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"cannot decode video {what}: {e}") from None
     if total < 2:
         raise InputError(f"{what} is a still image, not a video; this video bundle takes {frames} frames",
                          hint="pass the frames (--frame F1 --frame F2 ...) or a GIF/mp4/webm")
     if total < frames:
         raise InputError(f"{what} has {total} frames; this video bundle takes {frames}")
-    _check_pixels(*img.size, what)
     out = []
     try:
         for i in sample_indices(total, frames):
