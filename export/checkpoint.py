@@ -105,7 +105,7 @@ class VideoProcessorParts:
         self.image_processor, self.num_query_tokens = image_processor, num_query_tokens
 
     @classmethod
-    def from_pretrained(cls, src: str, revision: str | None = None, num_query_tokens: int | None = None):
+    def read(cls, src: str, revision: str | None = None, num_query_tokens: int | None = None):
         from transformers import AutoTokenizer
         from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
         from transformers.utils import cached_file
@@ -181,7 +181,7 @@ def load_checkpoint(ref: str | None, revision: str | None = None, video: bool = 
         model = cls.from_pretrained(
             src, revision=revision, use_safetensors=True, dtype="auto", trust_remote_code=False)
         if model_type == "instructblipvideo":
-            processor = VideoProcessorParts.from_pretrained(src, revision, model.config.num_query_tokens)
+            processor = VideoProcessorParts.read(src, revision, model.config.num_query_tokens)
         else:
             processor = InstructBlipProcessor.from_pretrained(src, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as e:

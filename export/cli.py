@@ -142,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
                         "ib-export Salesforce/instructblip-flan-t5-xl --out DIR (or a local checkpoint directory)")
             from ib_edge.runtime.manifest import Manifest
 
-            frames = Manifest.load(path).frames
+            try:  # the hint only: a bundle that cannot be read back here is ib-run's to report
+                frames = Manifest.load(path).frames
+            except IbEdgeError:
+                frames = None
             what = ("IMAGE \"Describe this image.\"" if frames is None else
                     " ".join(f"--frame F{i + 1}" for i in range(frames)) + " \"Describe this video.\" (or a GIF/mp4 "
                     "in place of the frames)")
