@@ -5,7 +5,8 @@ What a request means here. InstructBLIP answers one instruction about one image,
 conversation memory, so: the prompt is the text of the **last** message, which must be the
 user's; the image is the one ``image_url`` part anywhere in ``messages`` (a follow-up question
 can leave the image in an earlier turn); earlier turns' text, system and developer messages
-are not shown to the model. Exactly one image per request.
+are not shown to the model. Exactly one image per request; a video bundle takes its frame count
+of ``image_url`` parts (its frames, in order) or one animated GIF.
 """
 from __future__ import annotations
 
