@@ -379,3 +379,29 @@ def test_serve_video_bundle_takes_frames(video_bundle):
     finally:
         srv.should_exit = True
         th.join(30)
+
+
+def test_bench_on_a_video_bundle(video_bundle, tmp_path):
+    """ib-bench end to end on a video bundle with a frames eval file: predictions through the
+    bundle's frames path, the same answers as the pipeline, no transformers baseline."""
+    from ib_edge.bench.bench import BenchConfig, run_bench
+
+    frames = _frame_sets(2, seed=5)
+    rows = []
+    for i, fs in enumerate(frames):
+        names = []
+        for k, f in enumerate(fs):
+            names.append(f"s{i}f{k}.png")
+            f.save(tmp_path / names[-1])
+        rows.append({"frames": names, "question": PROMPTS[i], "answer": "left", "type": "motion"})
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bundle = str(video_bundle("llama"))
+    report = run_bench(BenchConfig(bundles=(bundle,), eval_file=str(path), runs=1, warmup=0, max_new_tokens=3,
+                                   bandwidth_mb=16, progress=False), log=lambda m: None)
+    preds = report["bundles"][0]["predictions"]
+    pipe = Pipeline.load(bundle)
+    assert [p["token_ids"] for p in preds] == [pipe.run(video=fs, prompt=q, max_new_tokens=3).token_ids
+                                               for fs, q in zip(frames, PROMPTS)]
+    assert preds[0]["image"] == [str(tmp_path / n) for n in rows[0]["frames"]]
+    assert "video bundle" in report["baselines"]["transformers_fp32_eager"]["reason"]
