@@ -103,21 +103,23 @@ def library_output(work: Path):
     if os.environ.get("IB_EDGE_DEBUG"):
         yield
         return
-    from gptqmodel.looper import loop_processor
-
-    old_dir = loop_processor._PROJECT_LOG_DIR   # a relative Path("logs") in 7.6.0, resolved per write
-    loop_processor._PROJECT_LOG_DIR = work / "logs"
     log = work / "gptqmodel.log"
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
     failed = False
+    loop_processor = old_dir = None
     try:
-        with open(log, "ab") as f:
+        with open(log, "ab") as f, open(log, "a", encoding="utf-8", errors="replace") as text:
             os.dup2(f.fileno(), 1)
             os.dup2(f.fileno(), 2)
-            try:
-                yield
+            try:   # Python-level writes too, wherever sys.stdout/sys.stderr point (an embedding app's)
+                with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+                    from gptqmodel.looper import loop_processor   # its import prints banners
+
+                    old_dir = loop_processor._PROJECT_LOG_DIR   # a relative Path("logs") in 7.6.0
+                    loop_processor._PROJECT_LOG_DIR = work / "logs"
+                    yield
             except BaseException:
                 failed = True
                 raise
@@ -129,7 +131,8 @@ def library_output(work: Path):
     finally:
         for fd in saved:
             os.close(fd)
-        loop_processor._PROJECT_LOG_DIR = old_dir
+        if loop_processor is not None:
+            loop_processor._PROJECT_LOG_DIR = old_dir
         if failed and log.is_file():
             tail = log.read_bytes()[-4000:].decode("utf-8", "replace").replace("\r", "\n").splitlines()
             print("gptqmodel's last output:\n" + "\n".join(l for l in tail if l.strip())[-2000:], file=sys.stderr)
@@ -179,33 +182,34 @@ def quantize_llm(llm_dir, out_dir, examples, *, method: str = "gptq", bits: int 
         raise LlmQuantError("gptqmodel is not installed",
                             hint=f'pip install -c constraints.txt "gptqmodel=={GPTQMODEL_VERSION}"') from None
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
-    import torch
-    from gptqmodel import BACKEND, GPTQModel
-    from gptqmodel import QuantizeConfig
+    # gptqmodel's console output, from its import on (banners, bars, config dumps), goes to a log
+    with tempfile.TemporaryDirectory(prefix="ib-edge-gptqmodel-") as logs, library_output(Path(logs)):
+        import torch
+        from gptqmodel import BACKEND, GPTQModel
+        from gptqmodel import QuantizeConfig
 
-    kw = dict(bits=bits, group_size=group_size, sym=sym, desc_act=False)
-    if method == "awq":
-        from gptqmodel.quantization import FORMAT, METHOD
+        kw = dict(bits=bits, group_size=group_size, sym=sym, desc_act=False)
+        if method == "awq":
+            from gptqmodel.quantization import FORMAT, METHOD
 
-        qcfg = QuantizeConfig(**kw, quant_method=METHOD.AWQ, format=FORMAT.GEMM)
-        backend = BACKEND.AWQ_TORCH   # the default asks for CUDA ("AWQ: CUDA is not available")
-    else:
-        qcfg = QuantizeConfig(**kw)
-        backend = BACKEND.AUTO
-    torch.manual_seed(0)
-    data = [{"input_ids": torch.from_numpy(e.input_ids).unsqueeze(0),
-             "attention_mask": torch.ones(1, len(e.input_ids), dtype=torch.long)} for e in examples]
-    out = Path(out_dir)
-    with tempfile.TemporaryDirectory() as work:   # gptqmodel reads the weights lazily: keep it alive
-        src = Path(llm_dir)
-        if tokenizer_dir is not None:
-            for d in (Path(tokenizer_dir), src):
-                for f in d.iterdir():
-                    if f.is_file():
-                        (Path(work) / f.name).unlink(missing_ok=True)
-                        (Path(work) / f.name).symlink_to(f.resolve())
-            src = Path(work)
-        with library_output(Path(work)):
+            qcfg = QuantizeConfig(**kw, quant_method=METHOD.AWQ, format=FORMAT.GEMM)
+            backend = BACKEND.AWQ_TORCH   # the default asks for CUDA ("AWQ: CUDA is not available")
+        else:
+            qcfg = QuantizeConfig(**kw)
+            backend = BACKEND.AUTO
+        torch.manual_seed(0)
+        data = [{"input_ids": torch.from_numpy(e.input_ids).unsqueeze(0),
+                 "attention_mask": torch.ones(1, len(e.input_ids), dtype=torch.long)} for e in examples]
+        out = Path(out_dir)
+        with tempfile.TemporaryDirectory() as work:   # gptqmodel reads the weights lazily: keep it alive
+            src = Path(llm_dir)
+            if tokenizer_dir is not None:
+                for d in (Path(tokenizer_dir), src):
+                    for f in d.iterdir():
+                        if f.is_file():
+                            (Path(work) / f.name).unlink(missing_ok=True)
+                            (Path(work) / f.name).symlink_to(f.resolve())
+                src = Path(work)
             gm = GPTQModel.load(str(src), qcfg, device="cpu", trust_remote_code=False)
             seen = _install_embeds_hook(gm, examples, image_token_id)
             # gptqmodel 7.6's quantize() takes calibration_data_min_length but never passes it on:

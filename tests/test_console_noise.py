@@ -39,6 +39,7 @@ def test_library_output_goes_to_the_log(tmp_path, capfd, monkeypatch):
     from ib_edge.quant.llm_quant import library_output
 
     monkeypatch.delenv("IB_EDGE_DEBUG", raising=False)
+    capfd.readouterr()   # gptqmodel's import banners (the export imports it inside library_output)
     with library_output(tmp_path):
         os.write(2, b"bar 1/3\rbar 2/3\r")
         print("config dump", file=sys.stderr)
