@@ -1,9 +1,9 @@
 """ib-bench: latency, memory, drift and accuracy of ib-edge bundles, side by side, with baselines.
 
-    ib-bench [--bundle DIR ...] [--eval FILE.jsonl] [--report DIR] [--json FILE] [--runs N]
+    ib-bench [--bundle DIR ...] [--eval FILE.jsonl] [--report DIR] [--json-out FILE] [--runs N]
              [--warmup N] [--n-eval N] [--max-new-tokens N] [--source CHECKPOINT] [--no-baselines]
     ib-bench --scale real [--scale-layers N] [--scale-dir DIR] [--report DIR]
-    ib-bench --plan MODEL [--precision P] [--llm-quant Q] [--group-size G] [--context N] [--target NAME] [--json FILE]
+    ib-bench --plan MODEL [--precision P] [--llm-quant Q] [--group-size G] [--context N] [--target NAME] [--json-out FILE]
 
 The first fp32 bundle (by its manifest) is the drift reference. Without --eval a fresh
 proof-task set is generated (its seed is printed and recorded). The report (markdown) goes to
@@ -12,8 +12,10 @@ stdout; --report DIR also writes report.md, report.json and PNG plots there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="eval examples (default: all rows of --eval, or 50 generated; 4 with --scale real)")
     ap.add_argument("--eval-seed", type=int, default=None, help="seed of the generated set (default: random, printed)")
     ap.add_argument("--report", metavar="DIR", help="write report.md, report.json and PNG plots here")
-    ap.add_argument("--json", metavar="FILE", help="write the result JSON here (also in --report DIR)")
+    ap.add_argument("--json-out", dest="json", metavar="FILE", help="write the result JSON to FILE (it is also in "
+                    "--report DIR/report.json)")
+    ap.add_argument("--json", dest="json_old", metavar="FILE",
+                    help="deprecated spelling of --json-out FILE (ib-run's --json is a switch: JSON on stdout)")
     ap.add_argument("--runs", type=int, default=d.runs, help=f"timed runs per system (default {d.runs})")
     ap.add_argument("--warmup", type=int, default=d.warmup, help=f"untimed warm-up runs (default {d.warmup})")
     ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
@@ -40,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="checkpoint for the transformers baselines (default: the reference bundle's manifest source)")
     ap.add_argument("--no-baselines", action="store_true", help="skip the transformers baselines")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime and torch")
+    ap.add_argument("--background-load", type=int, default=0, metavar="N",
+                    help="run N CPU-bound processes (a busy Python loop each) for the whole run, to show how "
+                         "every system fares on a loaded machine; the report says so (default 0)")
     ap.add_argument("--providers", default=None, help="ONNX Runtime providers, e.g. cuda,cpu (default cpu)")
     ap.add_argument("--bandwidth-mb", type=int, default=d.bandwidth_mb, help="array size of the bandwidth measurement")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -70,7 +78,7 @@ def _config(args, **over):
 
 
 def check_outputs(args) -> None:
-    """--report and --json are checked before anything is measured (a run can take an hour;
+    """--report and --json-out are checked before anything is measured (a run can take an hour;
     an unwritable path found at its end would lose it), and so is the eval file."""
     from .bench import BenchError, read_eval_file
 
@@ -91,10 +99,10 @@ def check_outputs(args) -> None:
     if args.json:
         js = Path(args.json)
         if js.is_dir():
-            raise BenchError(f"--json {js} is a directory; --json takes a file path")
+            raise BenchError(f"--json-out {js} is a directory; --json-out takes a file path")
         if js.exists() and not os.access(js, os.W_OK):
-            raise BenchError(f"--json {js} is not writable")
-        writable_dir(js.parent, "--json")
+            raise BenchError(f"--json-out {js} is not writable")
+        writable_dir(js.parent, "--json-out")
     if args.eval_file:
         read_eval_file(Path(args.eval_file))
 
@@ -130,11 +138,39 @@ def run(args, log) -> dict:
     return result
 
 
+@contextlib.contextmanager
+def background_load(n: int):
+    """N busy processes (``while 1: pass``) while the block runs; yields a record of them that is
+    completed with the load average at the end."""
+    rec = {"processes": n, "load_average_start": [round(v, 2) for v in os.getloadavg()]}
+    procs = [subprocess.Popen([sys.executable, "-c", "while 1: pass"], stdin=subprocess.DEVNULL)
+             for _ in range(n)]
+    try:
+        yield rec
+    finally:
+        rec["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.json_old is not None:
+        if args.json is not None:
+            print("ib-bench: error: --json is the old spelling of --json-out; give one of them", file=sys.stderr)
+            return 2
+        print("ib-bench: note: --json FILE is deprecated, use --json-out FILE", file=sys.stderr)
+        args.json = args.json_old
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from ib_edge.runtime.errors import cli_failure
+    from ib_edge.runtime.quiet import quiet_libraries
+    from ib_edge.runtime.threads import before_torch_import
+
+    before_torch_import()   # the baselines import torch: its OpenMP threads yield (runtime/threads.py)
+    quiet_libraries()
 
     from . import report
     from .bench import BenchError
@@ -152,7 +188,12 @@ def main(argv: list[str] | None = None) -> int:
             print(plan.render(result), end="")
             return 0
         check_outputs(args)
-        result = run(args, log)
+        if not 0 <= args.background_load <= 64:
+            raise BenchError(f"--background-load must be between 0 and 64, not {args.background_load}")
+        with background_load(args.background_load) as load:
+            result = run(args, log)
+        if args.background_load:
+            result["background_load"] = load
         result["command"] = "ib-bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
         # the JSON first: a failing plot or markdown render must not lose the run
         temp = not args.json and not args.report

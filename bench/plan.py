@@ -568,7 +568,7 @@ def write_json(plan: dict, path: str | os.PathLike) -> None:
 
 # --- ib-bench --plan ---------------------------------------------------------------------------------
 def add_arguments(ap) -> None:
-    """The --plan options of ib-bench (--json is ib-bench's own)."""
+    """The --plan options of ib-bench (--json-out is ib-bench's own)."""
     d = PlanOptions()
     g = ap.add_argument_group("memory and speed planner (--plan MODEL)")
     g.add_argument("--plan", metavar="MODEL", default=None,

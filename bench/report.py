@@ -102,8 +102,14 @@ def render_markdown(result: dict) -> str:
           "system's own effective rate (LLM weight bytes per token x decode tokens/s), so no system exceeds "
           "100%; the row says which set it. Decode of a large LLM cannot beat bound / bytes of weights per "
           "token (see Decode).", ""]
+    bg = result.get("background_load")
+    if bg:
+        L += [f"**Loaded machine, on purpose: {bg['processes']} CPU-bound background process(es) "
+              f"(--background-load) ran for the whole run** (load average {', '.join(map(str, bg['load_average_start']))} "
+              f"at start, {', '.join(map(str, bg['load_average_end']))} at the end). The figures show how each "
+              "system shares the cores with other work, not its speed on an idle machine.", ""]
     load = (hw.get("load_average") or [0])[0]
-    if load > 0.5 * (hw.get("cpus_usable") or 1):
+    if load > 0.5 * (hw.get("cpus_usable") or 1) and not bg:
         L += [f"**Warning: the machine was busy at the start (load {load:.1f} on {hw['cpus_usable']} cores).** "
               "Other processes compete for the cores and inflate every timing, torch's threads most of all; "
               "compare systems within this run only, and rerun on an idle machine (or with --threads 1) for "

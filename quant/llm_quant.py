@@ -13,15 +13,23 @@ Output: a standard HF GPTQ / AWQ checkpoint directory (transformers + gptqmodel 
 
 gptqmodel is imported lazily: it sets process environment variables on import. On a 2-core
 machine it needs GPTQMODEL_CPU_WORKERS=2 (set here when absent).
+
+Its console output (measured for proof-llama: 661 lines, 112 KB on stderr even when it is not a
+terminal: carriage-return progress bars, whole config dumps) goes to ``gptqmodel.log`` in the
+quantization's temporary directory, and its ``./logs/gptq_log_*.log`` files there too (it wrote
+them into the working directory); the last lines of the log are shown when it fails.
+``IB_EDGE_DEBUG=1`` leaves both as gptqmodel has them.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -86,6 +94,50 @@ def _examples_hash(examples) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def library_output(work: Path):
+    """gptqmodel's stdout/stderr (file descriptors 1 and 2, so its progress bars and anything
+    below Python too) into ``work/gptqmodel.log``, and its per-run log files into ``work/logs``
+    instead of the working directory; on an exception the log's last lines go to stderr.
+    IB_EDGE_DEBUG=1: nothing redirected."""
+    if os.environ.get("IB_EDGE_DEBUG"):
+        yield
+        return
+    log = work / "gptqmodel.log"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    failed = False
+    loop_processor = old_dir = None
+    try:
+        with open(log, "ab") as f, open(log, "a", encoding="utf-8", errors="replace") as text:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            try:   # Python-level writes too, wherever sys.stdout/sys.stderr point (an embedding app's)
+                with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+                    from gptqmodel.looper import loop_processor   # its import prints banners
+
+                    old_dir = loop_processor._PROJECT_LOG_DIR   # a relative Path("logs") in 7.6.0
+                    loop_processor._PROJECT_LOG_DIR = work / "logs"
+                    yield
+            except BaseException:
+                failed = True
+                raise
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
+        if loop_processor is not None:
+            loop_processor._PROJECT_LOG_DIR = old_dir
+        if failed and log.is_file():
+            tail = log.read_bytes()[-4000:].decode("utf-8", "replace").replace("\r", "\n").splitlines()
+            print("gptqmodel's last output:\n" + "\n".join(l for l in tail if l.strip())[-2000:], file=sys.stderr)
+
+
 def _install_embeds_hook(gmodel, examples, image_token_id: int) -> dict:
     """Replace gptqmodel's layer-0 input capture forward with one that feeds inputs_embeds."""
     queues: dict[tuple, list] = defaultdict(list)
@@ -130,43 +182,45 @@ def quantize_llm(llm_dir, out_dir, examples, *, method: str = "gptq", bits: int 
         raise LlmQuantError("gptqmodel is not installed",
                             hint=f'pip install -c constraints.txt "gptqmodel=={GPTQMODEL_VERSION}"') from None
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
-    import torch
-    from gptqmodel import BACKEND, GPTQModel
-    from gptqmodel import QuantizeConfig
+    # gptqmodel's console output, from its import on (banners, bars, config dumps), goes to a log
+    with tempfile.TemporaryDirectory(prefix="ib-edge-gptqmodel-") as logs, library_output(Path(logs)):
+        import torch
+        from gptqmodel import BACKEND, GPTQModel
+        from gptqmodel import QuantizeConfig
 
-    kw = dict(bits=bits, group_size=group_size, sym=sym, desc_act=False)
-    if method == "awq":
-        from gptqmodel.quantization import FORMAT, METHOD
+        kw = dict(bits=bits, group_size=group_size, sym=sym, desc_act=False)
+        if method == "awq":
+            from gptqmodel.quantization import FORMAT, METHOD
 
-        qcfg = QuantizeConfig(**kw, quant_method=METHOD.AWQ, format=FORMAT.GEMM)
-        backend = BACKEND.AWQ_TORCH   # the default asks for CUDA ("AWQ: CUDA is not available")
-    else:
-        qcfg = QuantizeConfig(**kw)
-        backend = BACKEND.AUTO
-    torch.manual_seed(0)
-    data = [{"input_ids": torch.from_numpy(e.input_ids).unsqueeze(0),
-             "attention_mask": torch.ones(1, len(e.input_ids), dtype=torch.long)} for e in examples]
-    out = Path(out_dir)
-    with tempfile.TemporaryDirectory() as work:   # gptqmodel reads the weights lazily: keep it alive
-        src = Path(llm_dir)
-        if tokenizer_dir is not None:
-            for d in (Path(tokenizer_dir), src):
-                for f in d.iterdir():
-                    if f.is_file():
-                        (Path(work) / f.name).unlink(missing_ok=True)
-                        (Path(work) / f.name).symlink_to(f.resolve())
-            src = Path(work)
-        gm = GPTQModel.load(str(src), qcfg, device="cpu", trust_remote_code=False)
-        seen = _install_embeds_hook(gm, examples, image_token_id)
-        # gptqmodel 7.6's quantize() takes calibration_data_min_length but never passes it on:
-        # prepare_dataset keeps its default and drops every example of <= 10 tokens (measured: 6
-        # of 20 text-only instructions). Bind the value on the instance, which quantize reads.
-        gm.prepare_dataset = functools.partial(gm.prepare_dataset, calibration_data_min_length=0)
-        gm.quantize(data, batch_size=1, backend=backend, calibration_data_min_length=0)
-        if seen["calls"] < len(examples):  # a gptqmodel that bypasses the hook would calibrate on ids only
-            raise LlmQuantError(f"gptqmodel captured {seen['calls']} of {len(examples)} calibration inputs "
-                                "through the inputs_embeds hook", hint=f"use gptqmodel {GPTQMODEL_VERSION}")
-        gm.save(str(out))
+            qcfg = QuantizeConfig(**kw, quant_method=METHOD.AWQ, format=FORMAT.GEMM)
+            backend = BACKEND.AWQ_TORCH   # the default asks for CUDA ("AWQ: CUDA is not available")
+        else:
+            qcfg = QuantizeConfig(**kw)
+            backend = BACKEND.AUTO
+        torch.manual_seed(0)
+        data = [{"input_ids": torch.from_numpy(e.input_ids).unsqueeze(0),
+                 "attention_mask": torch.ones(1, len(e.input_ids), dtype=torch.long)} for e in examples]
+        out = Path(out_dir)
+        with tempfile.TemporaryDirectory() as work:   # gptqmodel reads the weights lazily: keep it alive
+            src = Path(llm_dir)
+            if tokenizer_dir is not None:
+                for d in (Path(tokenizer_dir), src):
+                    for f in d.iterdir():
+                        if f.is_file():
+                            (Path(work) / f.name).unlink(missing_ok=True)
+                            (Path(work) / f.name).symlink_to(f.resolve())
+                src = Path(work)
+            gm = GPTQModel.load(str(src), qcfg, device="cpu", trust_remote_code=False)
+            seen = _install_embeds_hook(gm, examples, image_token_id)
+            # gptqmodel 7.6's quantize() takes calibration_data_min_length but never passes it on:
+            # prepare_dataset keeps its default and drops every example of <= 10 tokens (measured: 6
+            # of 20 text-only instructions). Bind the value on the instance, which quantize reads.
+            gm.prepare_dataset = functools.partial(gm.prepare_dataset, calibration_data_min_length=0)
+            gm.quantize(data, batch_size=1, backend=backend, calibration_data_min_length=0)
+            if seen["calls"] < len(examples):  # a gptqmodel that bypasses the hook would calibrate on ids only
+                raise LlmQuantError(f"gptqmodel captured {seen['calls']} of {len(examples)} calibration inputs "
+                                    "through the inputs_embeds hook", hint=f"use gptqmodel {GPTQMODEL_VERSION}")
+            gm.save(str(out))
     _fix_format_field(out)
     keep_generation_config(llm_dir, out)
     return {"method": method, "bits": bits, "group_size": group_size, "sym": sym, "desc_act": False,

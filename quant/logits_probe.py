@@ -125,7 +125,7 @@ class LogitsProbe:
                 first, last = cols[0], cols[-1]
                 x = b["inputs_embeds"][i:i + 1, :last + 1]
                 model.setup_cache(last + 1)
-                out.append(model(x[:, :first + 1], 0).float())
-                out += [model(x[:, p:p + 1], p).float() for p in range(first + 1, last + 1)]
+                out.append(torch.as_tensor(model(x[:, :first + 1], 0)).float())   # the ort engine: numpy
+                out += [torch.as_tensor(model(x[:, p:p + 1], p)).float() for p in range(first + 1, last + 1)]
             got.append(torch.cat(out))
         return drift_of(got, self.reference)

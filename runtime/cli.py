@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import time
 
 from .errors import BundleError, IbEdgeError, cli_failure
 
@@ -65,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the fast-path LLM runs: cuda (the cuda engine; an error without a usable GPU) or "
                          "cpu (ort/torch); default: cuda when available")
     ap.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
-    ap.add_argument("--json", action="store_true", help="print one JSON object: answer and timings_ms")
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON object per prompt: answer, timings_ms, load_ms (bundle check + model "
+                         "load, before the first answer), prompt_tokens/completion_tokens, precision (per stage) "
+                         "and llm_engine")
     return ap
 
 
@@ -122,6 +126,17 @@ def check_args(args) -> None:
         raise InputError(f"--seed must be between 0 and 2**63 - 1, not {args.seed}")
 
 
+def _llm_load_ms(pipe) -> float:
+    """Load the LLM now (the pipeline loads it lazily) and return how long that took."""
+    t0 = time.perf_counter()
+    pipe.llm
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _stage_records(pipe):
+    return [(name, pipe.manifest.record(name)) for name in ("vision", "qformer", "llm")]
+
+
 def _stdout_closed() -> None:
     """Later writes (and the interpreter's final flush) go nowhere instead of raising again."""
     try:
@@ -172,10 +187,11 @@ def main(argv: list[str] | None = None) -> int:
                              hint="pass one IMAGE, or export a video bundle: ib-export CHECKPOINT --video")
         image, video = ((load_image(args.image), None) if frames is None else
                         (None, load_frames(args.frame or args.image, frames)))  # a frame count or a video file
+        t_load = time.perf_counter()
         pipe = Pipeline.load(args.bundle, providers=providers, threads=args.threads, verify=not args.no_verify,
                              llm_engine=args.llm_engine, device=args.device)
-        for prompt in args.prompt:
-            pipe.prompts.encode(prompt, args.max_new_tokens)  # every prompt checked before the first answer
+        prompt_tokens = [pipe.prompts.encode(prompt, args.max_new_tokens, frames=frames)["input_ids"].shape[1]
+                         for prompt in args.prompt]  # every prompt checked before the first answer
         if len(args.prompt) > 1:  # one entry holds this image's image_embeds for the other prompts
             from .embed_cache import EmbedCache
 
@@ -186,17 +202,24 @@ def main(argv: list[str] | None = None) -> int:
                              f"LLM runs on {llm_backend} ({pipe.manifest.model.get('llm_family', 'its family')}): "
                              "drop the flag, or export with --llm-quant rtn|gptq|awq")
 
+        if args.json:
+            info = {"load_ms": round((time.perf_counter() - t_load) * 1e3 + _llm_load_ms(pipe), 3),
+                    "precision": {k: v.precision for k, v in _stage_records(pipe)},
+                    "llm_engine": pipe.llm.engine if llm_backend == "fastllm" else llm_backend}
+
         def stream(text: str) -> None:
             sys.stdout.write(text)
             sys.stdout.flush()
 
-        for prompt in args.prompt:
+        for prompt, n_prompt in zip(args.prompt, prompt_tokens):
             result = pipe.run(image, prompt, video=video, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                               on_text=None if args.json else stream)
             if args.json:
                 print(json.dumps({"prompt": prompt, "answer": result.answer,
-                                  "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()}}), flush=True)
+                                  "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
+                                  "prompt_tokens": n_prompt, "completion_tokens": len(result.token_ids), **info}),
+                      flush=True)
             else:
                 sys.stdout.write("\n")
                 sys.stdout.flush()

@@ -38,57 +38,13 @@ from torch import nn
 
 from .errors import BundleError, InputError
 from .decode import StaticKVCache
-from .formats import CPU_ENGINES
+from .device import DEVICES, MIN_CAPABILITY, cuda_unavailable_reason, resolve_llm_engine  # noqa: F401 (re-exported)
 from .int4 import check_int4_shapes, unpack_nibbles
 from .llama import LinearSpec, LlamaArgs, ModelSpec, rope_freqs
 
-MIN_CAPABILITY = (8, 0)       # int4mm.cu: __CUDA_ARCH__ >= 800
 INNER_K_TILES = (8, 4, 2)     # 16/8/4-byte loads per lane: the widest that divides K wins
 N_ALIGN = {"cuda": 8, "cpu": 16}  # kernel N tiles: CUDA kNTileSize 8; the CPU kernel wants 16
-DEVICES = ("cuda", "cpu")
 CACHE_QUANTUM = 128           # KV cache lengths are rounded up to this (masked slots cost little)
-
-
-# --- device and engine choice ----------------------------------------------------------------
-def cuda_unavailable_reason() -> str | None:
-    """Why the cuda engine cannot run here (None when it can)."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU (torch.cuda.is_available() is False)"
-    cap = torch.cuda.get_device_capability(0)
-    if cap < MIN_CAPABILITY:
-        return (f"GPU {torch.cuda.get_device_name(0)} has compute capability {cap[0]}.{cap[1]}; torch's int4 "
-                f"kernel needs {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer")
-    return None
-
-
-def resolve_llm_engine(engine: str | None, device: str | None, unavailable: str | None = "probe") -> str | None:
-    """The fast-path engine for ``--llm-engine`` and ``--device``: "cuda", a CPU engine ("ort",
-    "torch") or None (engines.pick_engine chooses among the CPU engines). Default device: cuda
-    when usable, else the CPU. ``unavailable`` is ``cuda_unavailable_reason()``'s answer
-    (probed when left at "probe"; tests pass it). Contradictions and a missing GPU raise
-    InputError naming the fix."""
-    ENGINES = CPU_ENGINES
-    if device is not None and device not in DEVICES:
-        raise InputError(f"--device must be cuda or cpu, not {device!r}")
-    if engine is not None and engine not in ENGINES + ("cuda",):
-        raise InputError(f"--llm-engine must be one of {', '.join(ENGINES + ('cuda',))}, not {engine!r}")
-    if device == "cpu":
-        if engine == "cuda":
-            raise InputError("--llm-engine cuda runs on the GPU; drop --device cpu or pick ort/torch")
-        return engine
-    if engine in ENGINES:
-        if device == "cuda":
-            raise InputError(f"--llm-engine {engine} runs on the CPU; with --device cuda use --llm-engine cuda "
-                             f"or leave it out")
-        return engine
-    if unavailable == "probe":
-        unavailable = cuda_unavailable_reason()
-    if unavailable is None:
-        return "cuda"
-    if device == "cuda" or engine == "cuda":
-        raise InputError(f"{'--device cuda' if device == 'cuda' else '--llm-engine cuda'}: {unavailable}",
-                         hint="use --device cpu")
-    return None   # default device, no usable GPU: the CPU engines
 
 
 # --- tinygemm's layout, as data (CPU-testable) -------------------------------------------------

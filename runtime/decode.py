@@ -1,13 +1,18 @@
 """The decode loop both LLM engines share: the engine protocol, the static KV cache, sampling,
 greedy/sampled ``generate`` and ``beam_search``. Model-agnostic: it knows an engine only through
 ``DecoderEngine``.
+
+Array-agnostic: the torch and cuda engines return torch logits, the ort engine numpy ones, and
+``generate`` samples in the kind it gets, so the ort engine answers without importing torch
+(a seeded draw then comes from numpy's PCG64, not torch's generator: the same seed gives
+another sample on the ort engine than on the torch engine, whose logits differ anyway).
+``beam_search`` keeps its bookkeeping in torch, imported when it runs.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 
 from .errors import InputError
 
@@ -27,22 +32,42 @@ class DecoderEngine(Protocol):
     ``ortllm.OrtLlama`` (engine "ort"). ``model(inputs_embeds [B, T, D], start)`` returns the
     last position's logits [B, V], filling the cache at positions start..start+T-1."""
     engine: str
-    embed: torch.nn.Embedding                 # token ids -> inputs_embeds rows
+    embed: Any            # token ids -> inputs_embeds rows, ``.weight`` [V, D]: nn.Embedding or NumpyEmbedding
 
-    def __call__(self, x: torch.Tensor, start: int) -> torch.Tensor: ...
+    def __call__(self, x, start: int): ...
 
     def setup_cache(self, max_len: int, batch: int = 1) -> None: ...
 
     def expand_cache(self, batch: int) -> None: ...
 
-    def reorder_cache(self, rows: torch.Tensor, filled: int) -> None: ...
+    def reorder_cache(self, rows, filled: int) -> None: ...
 
     def weight_bytes_per_token(self) -> int: ...
 
 
+def as_numpy(x) -> np.ndarray:
+    """A numpy array (as is) or a torch tensor (bf16 widened to fp32) as a numpy array, no copy
+    where the memory allows."""
+    if isinstance(x, np.ndarray):
+        return x
+    x = x.detach().cpu()
+    return (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()
+
+
+class NumpyEmbedding:
+    """nn.Embedding's two uses here, on a numpy table: ``weight[id]`` rows and ``embed(ids)``."""
+
+    def __init__(self, weight):
+        self.weight = np.ascontiguousarray(as_numpy(weight), dtype=np.float32)
+
+    def __call__(self, ids) -> np.ndarray:
+        return self.weight[as_numpy(ids)]
+
+
 class StaticKVCache:
-    """Per-layer K/V buffers [batch, kv_heads, max_len, head_dim] (fp32), shared by both engines:
-    the torch engine writes them itself, the ONNX Runtime engine binds them as past and present."""
+    """Per-layer K/V buffers [batch, kv_heads, max_len, head_dim] (fp32), shared by the engines:
+    the torch engine writes its torch buffers itself, the ONNX Runtime engine binds its numpy
+    buffers as past and present (it overrides ``_zeros``, ``expand_cache`` and ``reorder_cache``)."""
     a: CacheShape
     k_cache: list
     v_cache: list
@@ -53,12 +78,17 @@ class StaticKVCache:
 
     # what an engine's cache is made of: the CPU engines keep fp32 on the host; the cuda engine
     # bf16 in device memory, lengths rounded up so one captured graph serves many prompts
-    cache_dtype = torch.float32
+    cache_dtype = None    # torch dtype; None: torch.float32
     cache_quantum = 1
 
     @property
     def cache_device(self):
-        return torch.device("cpu")
+        return "cpu"
+
+    def _zeros(self, shape):
+        import torch
+
+        return torch.zeros(shape, dtype=self.cache_dtype or torch.float32, device=self.cache_device)
 
     def _new_cache(self, max_len: int) -> None:
         """Hook: called before a new cache of ``max_len`` positions replaces the old one."""
@@ -72,10 +102,8 @@ class StaticKVCache:
         max_len = min(a.max_positions, -(-max_len // self.cache_quantum) * self.cache_quantum)
         self._new_cache(max_len)
         shape = (batch, a.n_kv_heads, max_len, a.hd)
-        self.k_cache = [torch.zeros(shape, dtype=self.cache_dtype, device=self.cache_device)
-                        for _ in range(a.n_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=self.cache_dtype, device=self.cache_device)
-                        for _ in range(a.n_layers)]
+        self.k_cache = [self._zeros(shape) for _ in range(a.n_layers)]
+        self.v_cache = [self._zeros(shape) for _ in range(a.n_layers)]
         self.max_len = max_len
 
     def expand_cache(self, batch: int) -> None:
@@ -83,9 +111,11 @@ class StaticKVCache:
         self.k_cache = [kc.expand(batch, -1, -1, -1).contiguous() for kc in self.k_cache]
         self.v_cache = [vc.expand(batch, -1, -1, -1).contiguous() for vc in self.v_cache]
 
-    def reorder_cache(self, rows: torch.Tensor, filled: int) -> None:
+    def reorder_cache(self, rows, filled: int) -> None:
         """Row i of every cache becomes old row ``rows[i]`` (beam search's survivors), for the
         first ``filled`` positions (the rest is unwritten); nothing to do when no beam moved."""
+        import torch
+
         if torch.equal(rows, torch.arange(len(rows))):
             return
         for kc, vc in zip(self.k_cache, self.v_cache):
@@ -93,9 +123,14 @@ class StaticKVCache:
             vc[:, :, :filled] = vc[:, :, :filled].index_select(0, rows)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+def sample(logits, temperature: float, top_p: float, generator) -> int:
     """Greedy when temperature == 0 and top_p == 1; otherwise transformers' temperature then
-    top-p (nucleus) warping, then one multinomial draw. logits: [V] (batch 1)."""
+    top-p (nucleus) warping, then one multinomial draw. logits: [V] (batch 1), torch (with a
+    torch.Generator or None) or numpy (``sample_numpy``)."""
+    if isinstance(logits, np.ndarray):
+        return sample_numpy(logits, temperature, top_p, generator)
+    import torch
+
     if temperature <= 0 and top_p >= 1.0:
         return int(torch.argmax(logits))
     if generator is not None and logits.device != generator.device:
@@ -109,8 +144,29 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
-@torch.no_grad()
-def generate(model: DecoderEngine, inputs_embeds: torch.Tensor, *, max_new_tokens: int, eos_ids=(),
+def sample_numpy(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator | None) -> int:
+    """``sample`` on numpy logits: the same greedy choice (first maximum), the same warping
+    (temperature, then top-p keeping the smallest set whose probability exceeds top_p), one draw
+    from ``rng`` (numpy's default generator when None)."""
+    if temperature <= 0 and top_p >= 1.0:
+        return int(np.argmax(logits))
+    x = logits.astype(np.float32) / np.float32(temperature if temperature > 0 else 1.0)
+    if top_p < 1.0:
+        idx = np.argsort(x, kind="stable")
+        p = _softmax(x[idx])
+        remove = np.cumsum(p) <= (1 - top_p)
+        remove[-1] = False
+        x[idx[remove]] = -np.inf
+    p = _softmax(x).astype(np.float64)
+    return int((rng or np.random.default_rng()).choice(len(p), p=p / p.sum()))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def generate(model: DecoderEngine, inputs_embeds, *, max_new_tokens: int, eos_ids=(),
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, on_token=None,
              min_new_tokens: int = 0) -> list[int]:
     """Prefill on inputs_embeds [1, T, D], then decode one token per forward call; stops after
@@ -121,29 +177,34 @@ def generate(model: DecoderEngine, inputs_embeds: torch.Tensor, *, max_new_token
         raise InputError("the fast LLM runtime generates for batch size 1")
     t = inputs_embeds.shape[1]
     model.setup_cache(t + max_new_tokens)
-    gen = None
-    if seed is not None:
-        gen = torch.Generator().manual_seed(seed)
     eos = set(eos_ids)
-    logits = model(inputs_embeds.float(), 0)[0]
+    x = inputs_embeds.astype(np.float32, copy=False) if isinstance(inputs_embeds, np.ndarray) else inputs_embeds.float()
+    logits = model(x, 0)[0]
+    gen = None
+    if seed is not None and isinstance(logits, np.ndarray):
+        gen = np.random.default_rng(seed)
+    elif seed is not None:
+        import torch
+
+        gen = torch.Generator().manual_seed(seed)
     out: list[int] = []
     pos = t
-    suppress = torch.tensor(sorted(eos), dtype=torch.long) if eos and min_new_tokens > 0 else None
+    suppress = sorted(eos) if eos and min_new_tokens > 0 else None
     while True:
         if suppress is not None and len(out) < min_new_tokens:
-            logits = logits.index_fill(-1, suppress, float("-inf"))
+            logits = logits.copy() if isinstance(logits, np.ndarray) else logits.clone()
+            logits[suppress] = float("-inf")
         tok = sample(logits, temperature, top_p, gen)
         out.append(tok)
         if on_token is not None:
             on_token(tok)
         if tok in eos or len(out) >= max_new_tokens:
             return out
-        logits = model(model.embed.weight[tok].view(1, 1, -1), pos)[0]
+        logits = model(model.embed.weight[tok].reshape(1, 1, -1), pos)[0]
         pos += 1
 
 
-@torch.no_grad()
-def beam_search(model: DecoderEngine, inputs_embeds: torch.Tensor, *, num_beams: int, max_new_tokens: int,
+def beam_search(model: DecoderEngine, inputs_embeds, *, num_beams: int, max_new_tokens: int,
                 eos_ids=(), length_penalty: float = 1.0, early_stopping: bool | str = False,
                 on_prefill=None) -> list[int]:
     """transformers' beam search (its vectorized v5 algorithm, batch 1; defaults as transformers':
@@ -151,11 +212,30 @@ def beam_search(model: DecoderEngine, inputs_embeds: torch.Tensor, *, num_beams:
     copied to ``num_beams`` rows, then one batched decode step per token with the cache rows
     reordered to the surviving beams. Returns the best finished hypothesis' new tokens (its EOS
     included, as transformers returns it)."""
+    import torch
+
+    with torch.no_grad():
+        return _beam_search(model, torch.as_tensor(inputs_embeds), num_beams=num_beams,
+                            max_new_tokens=max_new_tokens, eos_ids=eos_ids, length_penalty=length_penalty,
+                            early_stopping=early_stopping, on_prefill=on_prefill)
+
+
+def _host_logits(logits):
+    import torch
+
+    return torch.from_numpy(logits) if isinstance(logits, np.ndarray) else logits.cpu()
+
+
+def _beam_search(model, inputs_embeds, *, num_beams, max_new_tokens, eos_ids, length_penalty, early_stopping,
+                 on_prefill) -> list[int]:
+    import torch
+    import torch.nn.functional as F
+
     if inputs_embeds.shape[0] != 1:
         raise InputError("the fast LLM runtime generates for batch size 1")
     t = inputs_embeds.shape[1]
     model.setup_cache(t + max_new_tokens, batch=1)
-    logits = model(inputs_embeds.float(), 0).cpu()      # [1, V]; beam bookkeeping runs on the host
+    logits = _host_logits(model(inputs_embeds.float(), 0))   # [1, V]; beam bookkeeping runs on the host
     if on_prefill is not None:
         on_prefill()
     model.expand_cache(num_beams)
@@ -206,5 +286,5 @@ def beam_search(model: DecoderEngine, inputs_embeds: torch.Tensor, *, num_beams:
         if not (improvable and open_beam and not bool(hits.all())):
             break
         model.reorder_cache(rows, t + cur - 1)
-        logits = model(model.embed(running[:, cur - 1]).view(num_beams, 1, -1), t + cur - 1).cpu()
+        logits = _host_logits(model(model.embed(running[:, cur - 1]).reshape(num_beams, 1, -1), t + cur - 1))
     return [int(x) for x in finished[0, :int(finished_len[0])]]

@@ -3,20 +3,19 @@
 Two engines behind ``decode.DecoderEngine``: "ort" (``ortllm.OrtLlama``: the whole decoder step
 as one ONNX Runtime graph, MatMulNBits) and "torch" (``llama.FastLlama``: our forward, torch's
 int4 kernel). Weights come from transformers' ``config.json`` + safetensors, plain float or the
-``runtime.int4`` format.
+``runtime.int4`` format, read as numpy arrays (``safetensors_io``): the ort engine runs on them
+without importing torch; the torch and cuda engines wrap them as torch tensors (no copy).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from .decode import DecoderEngine
 from .errors import InputError
 from .formats import CPU_ENGINES, INT4_FORMAT, INT4_FORMAT_VERSION
-from .int4 import read_config, read_tensors
-from .llama import LlamaArgs, ModelSpec, build_torch, check_shapes, collect
+from .llama_spec import LlamaArgs, ModelSpec, check_shapes, collect
 from .ortllm import OrtLlama, ort_cannot_run
+from .safetensors_io import read_config, read_tensors
 
 ENGINES = CPU_ENGINES
 # preferred where it can run the model: ~1.5x the torch engine's decode rate on the
@@ -31,21 +30,28 @@ def pick_engine(a: LlamaArgs, spec: ModelSpec) -> str:
     return DEFAULT_ENGINE if int4_layers and ort_cannot_run(a, spec) is None else "torch"
 
 
-def assemble(a: LlamaArgs, tensors: dict[str, torch.Tensor], group_size: int | None, engine: str | None = None,
+def assemble(a: LlamaArgs, tensors: dict, group_size: int | None, engine: str | None = None,
              threads: int | None = None) -> DecoderEngine:
     """The model on one engine: "torch" (FastLlama: our forward, torch's int4 kernel), "ort"
     (ortllm.OrtLlama: the whole step as one ONNX Runtime graph with MatMulNBits), or None:
-    ``pick_engine``'s choice. ``model.engine`` says which."""
-    if engine == "cuda":  # the GPU engine (runtime/cudallm.py)
-        from .cudallm import CudaLlama
-
-        return CudaLlama(a, collect(a, tensors, group_size))
-    if engine is not None and engine not in ENGINES:
+    ``pick_engine``'s choice. ``model.engine`` says which. ``tensors``: numpy arrays or torch
+    tensors; torch is imported only for the torch and cuda engines."""
+    if engine is not None and engine not in ENGINES + ("cuda",):
         raise InputError(f"LLM engine {engine!r} is not one of {', '.join(ENGINES)}")
     spec = collect(a, tensors, group_size)
     engine = engine or pick_engine(a, spec)
     if engine == "ort":
         return OrtLlama(a, spec, threads)
+    import torch
+
+    from .llama import build_torch, torch_spec
+
+    if threads:
+        torch.set_num_threads(threads)
+    if engine == "cuda":  # the GPU engine (runtime/cudallm.py)
+        from .cudallm import CudaLlama
+
+        return CudaLlama(a, torch_spec(spec))
     return build_torch(a, spec)
 
 
@@ -57,6 +63,6 @@ def load(model_dir: str | Path, engine: str | None = None, threads: int | None =
     directory the exporter just wrote)."""
     a = LlamaArgs.from_config(read_config(model_dir))
     tensors, group_size = read_tensors(model_dir, INT4_FORMAT, INT4_FORMAT_VERSION, required=False,
-                                       strip_prefix="language_model.", files=files)
+                                       strip_prefix="language_model.", files=files, framework="np")
     check_shapes(a, tensors)
     return assemble(a, tensors, group_size, engine, threads)

@@ -1,4 +1,5 @@
-"""The portable int4 format the runtime reads, its CPU kernel module, and the one checkpoint reader.
+"""The portable int4 format the runtime reads and its CPU kernel module (the checkpoint reader is
+``safetensors_io``).
 
 Storage (written by ``ib_edge.quant.int4``), per quantized linear: ``{name}.qweight`` uint8
 [N, K/2] two nibbles per byte, low nibble = even k; ``{name}.scales`` [N, K/G];
@@ -12,9 +13,6 @@ dequant = (q - 8) * s + z in bf16 (its fp32 path is a slow scalar fallback, meas
 slower); so Int4Linear casts activations to bf16 and back.
 """
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -104,55 +102,3 @@ def linear_bytes(m: nn.Module) -> int:
     if isinstance(m, Int4Linear):
         return m.weight_bytes()
     return m.weight.numel() * m.weight.element_size()
-
-
-# --- the one checkpoint reader: config.json + safetensors with format metadata ---------------
-def read_config(model_dir: str | Path) -> dict:
-    """transformers' ``config.json`` of an LLM directory (a JSON object)."""
-    try:
-        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise BundleError(f"cannot read the LLM's config.json: {e}") from None
-    if not isinstance(cfg, dict):
-        raise BundleError("the LLM's config.json is not a JSON object", hint="re-export the bundle")
-    return cfg
-
-
-def read_tensors(model_dir: str | Path, fmt: str, version: str, *, required: bool, strip_prefix: str = "",
-                 files: list[Path] | None = None) -> tuple[dict[str, torch.Tensor], int | None]:
-    """(tensors, group size) of the safetensors ``files`` (a bundle passes what its manifest
-    lists; None: every ``*.safetensors`` in ``model_dir``, for export-time use on a directory the
-    exporter just wrote). A file whose metadata names ``fmt`` must carry ``version`` (its
-    ``group_size`` is returned); with ``required`` every file must name ``fmt``, otherwise files
-    without it are plain float checkpoints. Unreadable or truncated files are BundleErrors."""
-    from safetensors import SafetensorError, safe_open
-
-    d = Path(model_dir)
-    files = sorted(d.glob("*.safetensors")) if files is None else list(files)
-    if not files:
-        raise BundleError(f"no safetensors in {d}")
-    tensors: dict[str, torch.Tensor] = {}
-    group_size = None
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as sf:
-                meta = sf.metadata() or {}
-                if required and meta.get("format") != fmt:
-                    raise BundleError(f"{f.name}: format {meta.get('format')!r}, expected {fmt!r}",
-                                      hint="re-export the bundle")
-                if meta.get("format") == fmt:
-                    if meta.get("format_version") != version:
-                        raise BundleError(f"{f.name}: {fmt} version {meta.get('format_version')!r}, this runtime "
-                                          f"reads {version}", hint="re-export the bundle")
-                    if meta.get("group_size"):
-                        try:
-                            group_size = int(meta["group_size"])
-                        except ValueError:
-                            raise BundleError(f"{f.name}: group_size {meta['group_size']!r} is not an integer",
-                                              hint="re-export the bundle") from None
-                for k in sf.keys():
-                    tensors[k.removeprefix(strip_prefix)] = sf.get_tensor(k)
-        except (SafetensorError, OSError) as e:
-            raise BundleError(f"cannot read LLM weights {f.name}: {str(e).splitlines()[0] if str(e) else e}",
-                              hint="re-export the bundle") from None
-    return tensors, group_size

@@ -58,7 +58,15 @@ def check_generate_args(max_new_tokens: int, num_beams: int, temperature: float,
 def splice_image(embeds, input_ids, query_embeds, image_token_id: int):
     """The prompt's token embeddings ``embeds`` [B, T, D] with its ``<image>`` positions
     (``input_ids == image_token_id``) replaced, in order, by the rows of ``query_embeds``
-    ([B, Q, D] or [Q, D], numpy or torch)."""
+    ([B, Q, D] or [Q, D], numpy or torch). numpy ``embeds`` (the ort engine's) stay numpy."""
+    if isinstance(embeds, np.ndarray):
+        mask = np.asarray(input_ids) == image_token_id
+        q = np.asarray(query_embeds, dtype=embeds.dtype)
+        if int(mask.sum()) * q.shape[-1] != q.size:
+            raise BundleError("prompt's image-token count does not match the Q-Former's query count", hint=REBUILD)
+        out = embeds.copy()
+        out[mask] = q.reshape(-1, q.shape[-1])
+        return out
     import torch
 
     ids = torch.as_tensor(input_ids)
@@ -209,15 +217,11 @@ class FastLLM:
     decode loop of ``decode`` on the engine ``engines`` picks (or ``engine``)."""
 
     def __init__(self, manifest: Manifest, threads: int | None = None, engine: str | None = None):
-        import torch
-
         from .engines import load
 
         art = manifest.artifact("llm")
         if art.get("backend") != "fastllm" or art.get("format") not in (INT4_FORMAT, "safetensors"):
             raise BundleError(f"LLM artifact {art.get('backend')}/{art.get('format')} is not for the fast runtime")
-        if threads:
-            torch.set_num_threads(threads)
         self.model = load(manifest.path(art["dir"]), engine, threads, files=manifest.files("llm", ".safetensors"))
         self.engine = self.model.engine
         gen_path = manifest.path(art["dir"]) / "generation_config.json"
@@ -234,7 +238,12 @@ class FastLLM:
         self.is_encoder_decoder = False
 
     def embeds(self, query_embeds, input_ids):
-        """The prompt's token embeddings with its <image> positions replaced by query_embeds."""
+        """The prompt's token embeddings with its <image> positions replaced by query_embeds
+        (numpy on the ort engine, torch on the others)."""
+        from .decode import NumpyEmbedding
+
+        if isinstance(self.model.embed, NumpyEmbedding):
+            return splice_image(self.model.embed(input_ids), input_ids, query_embeds, self.image_token_id)
         import torch
 
         ids = torch.from_numpy(input_ids)
@@ -243,8 +252,6 @@ class FastLLM:
     def generate(self, query_embeds, input_ids, attention_mask, *, decode, max_new_tokens: int = 32,
                  num_beams: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  on_text=None, min_new_tokens: int = 0) -> Generation:
-        import torch
-
         from . import decode as loop
 
         check_generate_args(max_new_tokens, num_beams, temperature, top_p)
@@ -256,11 +263,10 @@ class FastLLM:
         if num_beams > 1 and min_new_tokens:
             raise InputError("the fast LLM runtime's beam search takes no min_new_tokens")
         if num_beams > 1:  # as transformers: no streaming with beams, the text comes at the end
-            with torch.no_grad():
-                ids = loop.beam_search(self.model, embeds, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                       eos_ids=self.eos_ids, length_penalty=self.length_penalty,
-                                       early_stopping=self.early_stopping,
-                                       on_prefill=lambda: first.append(time.perf_counter()))
+            ids = loop.beam_search(self.model, embeds, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                   eos_ids=self.eos_ids, length_penalty=self.length_penalty,
+                                   early_stopping=self.early_stopping,
+                                   on_prefill=lambda: first.append(time.perf_counter()))
             t1 = time.perf_counter()
             if on_text is not None:
                 on_text(decode(ids))
@@ -271,12 +277,11 @@ class FastLLM:
             def on_token(tok):
                 if not first:
                     first.append(time.perf_counter())
-                streamer.put(torch.tensor([tok]))
+                streamer.put(np.array([tok]))
 
-            with torch.no_grad():
-                ids = loop.generate(self.model, embeds, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
-                                    temperature=temperature, top_p=top_p, seed=seed, on_token=on_token,
-                                    min_new_tokens=min_new_tokens)
+            ids = loop.generate(self.model, embeds, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
+                                temperature=temperature, top_p=top_p, seed=seed, on_token=on_token,
+                                min_new_tokens=min_new_tokens)
             t1 = time.perf_counter()
             streamer.end()
         return Generation(ids, _timings(t0, first[0], t1, len(ids)))
@@ -284,8 +289,7 @@ class FastLLM:
     def next_token_logits(self, query_embeds: np.ndarray, input_ids: np.ndarray,
                           attention_mask: np.ndarray) -> np.ndarray:
         """float32 logits [1, vocab] after the prompt, from one prefill on a fresh cache."""
-        import torch
+        from .decode import as_numpy
 
-        with torch.no_grad():
-            self.model.setup_cache(input_ids.shape[1] + 1)
-            return self.model(self.embeds(query_embeds, input_ids), 0).float().numpy()
+        self.model.setup_cache(input_ids.shape[1] + 1)
+        return as_numpy(self.model(self.embeds(query_embeds, input_ids), 0)).astype(np.float32, copy=False)

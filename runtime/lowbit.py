@@ -30,7 +30,8 @@ from torch import nn
 
 from .errors import BundleError
 from .formats import WO_FORMAT, WO_FORMAT_VERSION
-from .int4 import Int4Linear, read_config, read_tensors
+from .int4 import Int4Linear
+from .safetensors_io import read_config, read_tensors
 
 LINEAR_PRECISIONS = ("int4", "int8", "fp32")  # of one linear, lowest first
 

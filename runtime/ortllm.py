@@ -16,18 +16,21 @@ weights at 13-18 GB/s on this machine, ``MatMulNBits`` (int8 compute, ``accuracy
 Weights reach ONNX Runtime as OrtValues over our own numpy arrays
 (``SessionOptions.add_external_initializers``): the graph proto holds no weight bytes (no 2 GB
 protobuf limit, no serialisation copy).
+
+No torch and no ``onnx`` package: the graph is written by ``onnx_proto``, weights, KV cache and
+logits are numpy (an int4 bundle answers from onnxruntime, numpy, tokenizers and Pillow alone;
+a cold ``ib-run`` skips ~4 s of imports, README "Cold start"). torch tensors are accepted as
+inputs (converted without a copy); beam search imports torch for its bookkeeping (decode.py).
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
-from onnx import TensorProto, helper, numpy_helper
-from torch import nn
 
-from .decode import StaticKVCache
+from . import onnx_proto as pb
+from .decode import NumpyEmbedding, StaticKVCache, as_numpy
 from .errors import BundleError, InputError
-from .int4 import pack_nibbles
-from .llama import LlamaArgs, ModelSpec, rope_freqs
+from .llama_spec import LlamaArgs, ModelSpec
+from .threads import ort_session_options
 
 ACCURACY_LEVEL = 4          # MatMulNBits: int8 activations x int4 weights (the fast CPU path)
 _PLACEHOLDER = "ib-edge-in-memory"
@@ -46,16 +49,25 @@ def ort_cannot_run(a: LlamaArgs, spec: ModelSpec) -> str | None:
     return None
 
 
-def _nbits(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, group: int):
+def rope_freqs(a: LlamaArgs) -> np.ndarray:
+    """position x inverse frequency [max_positions, hd/2] float32 (transformers' default rope,
+    computed in float32 as ``llama.rope_freqs`` does with torch)."""
+    exponent = np.arange(0, a.hd, 2, dtype=np.int64).astype(np.float32) / np.float32(a.hd)
+    inv = np.float32(1.0) / np.power(np.float32(a.rope_theta), exponent, dtype=np.float32)
+    return np.outer(np.arange(a.max_positions, dtype=np.float32), inv).astype(np.float32)
+
+
+def _nbits(qweight, scales, qzeros, group: int):
     """The portable int4 (qweight uint8 [N, K/2] low nibble = even k, scales [N, K/G],
     qzeros uint8 [N, K/G]) -> MatMulNBits' B [N, K/G, G/2], scales [N, K/G], packed zero points
     [N, ceil(K/G / 2)] (low nibble = even block)."""
+    qweight, qzeros = as_numpy(qweight), as_numpy(qzeros).astype(np.uint8)
     n, k = qweight.shape[0], qweight.shape[1] * 2
     nb = k // group
-    b = np.ascontiguousarray(qweight.numpy().reshape(n, nb, group // 2))
-    s = np.ascontiguousarray(scales.float().numpy())
-    zp = qzeros if nb % 2 == 0 else torch.cat([qzeros, torch.full((n, 1), 8, dtype=qzeros.dtype)], dim=1)
-    return b, s, pack_nibbles(zp).numpy(), n, k
+    b = np.ascontiguousarray(qweight.reshape(n, nb, group // 2))
+    s = np.ascontiguousarray(as_numpy(scales), dtype=np.float32)
+    zp = qzeros if nb % 2 == 0 else np.concatenate([qzeros, np.full((n, 1), 8, np.uint8)], axis=1)
+    return b, s, zp[:, 0::2] | (zp[:, 1::2] << 4), n, k
 
 
 class _Graph:
@@ -71,22 +83,18 @@ class _Graph:
 
     def weight(self, name: str, arr: np.ndarray) -> str:
         arr = np.ascontiguousarray(arr)
-        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape)
-        t.data_location = TensorProto.EXTERNAL
-        for key, val in (("location", _PLACEHOLDER), ("offset", "0"), ("length", str(arr.nbytes))):
-            e = t.external_data.add()
-            e.key, e.value = key, val
-        self.inits.append(t)
+        self.inits.append(pb.tensor(name, arr, external={"location": _PLACEHOLDER, "offset": "0",
+                                                         "length": str(arr.nbytes)}))
         self.arrays[name] = arr
         return name
 
     def const(self, name: str, arr: np.ndarray) -> str:  # small constants live in the proto
-        self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        self.inits.append(pb.tensor(name, np.asarray(arr)))
         return name
 
     def op(self, op: str, inputs, n_out: int = 1, domain: str = "", **attrs):
         outs = [self.name(op) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op, list(inputs), outs, name=self.name(op + "_n"), domain=domain, **attrs))
+        self.nodes.append(pb.node(op, list(inputs), outs, self.name(op + "_n"), domain=domain, **attrs))
         return outs[0] if n_out == 1 else outs
 
     def linear(self, x: str, spec, tag: str) -> str:
@@ -97,26 +105,30 @@ class _Graph:
                         domain="com.microsoft", K=k, N=n, bits=4, block_size=spec.group_size,
                         accuracy_level=ACCURACY_LEVEL)
         else:
-            y = self.op("MatMul", [x, self.weight(tag + ".wT", spec.weight.float().t().contiguous().numpy())])
+            y = self.op("MatMul", [x, self.weight(tag + ".wT", _f32(spec.weight).T)])
         if spec.bias is not None:
-            y = self.op("Add", [y, self.weight(tag + ".bias", spec.bias.float().numpy())])
+            y = self.op("Add", [y, self.weight(tag + ".bias", _f32(spec.bias))])
         return y
 
-    def rms(self, x: str, w: torch.Tensor, eps: float, tag: str) -> str:
-        return self.op("SimplifiedLayerNormalization", [x, self.weight(tag, w.float().numpy())], axis=-1, epsilon=eps)
+    def rms(self, x: str, w, eps: float, tag: str) -> str:
+        return self.op("SimplifiedLayerNormalization", [x, self.weight(tag, _f32(w))], axis=-1, epsilon=float(eps))
 
 
-def build_graph(a: LlamaArgs, specs: ModelSpec):
-    """The decoder-step ONNX model (weights as external placeholders) and its weight arrays."""
+def _f32(x) -> np.ndarray:
+    return as_numpy(x).astype(np.float32, copy=False)
+
+
+def build_graph(a: LlamaArgs, specs: ModelSpec) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The decoder-step ONNX model, serialized (weights as external placeholders), and its weight arrays."""
     g = _Graph()
-    f, i32 = TensorProto.FLOAT, TensorProto.INT32
-    inputs = [helper.make_tensor_value_info("inputs_embeds", f, ["batch", "seq", a.hidden_size]),
-              helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
-              helper.make_tensor_value_info("total_sequence_length", i32, [])]
-    outputs = [helper.make_tensor_value_info("logits", f, ["batch", a.vocab_size])]
+    f, i32 = pb.FLOAT, pb.INT32
+    inputs = [pb.value_info("inputs_embeds", f, ["batch", "seq", a.hidden_size]),
+              pb.value_info("seqlens_k", i32, ["batch"]),
+              pb.value_info("total_sequence_length", i32, [])]
+    outputs = [pb.value_info("logits", f, ["batch", a.vocab_size])]
     freqs = rope_freqs(a)
-    cos = g.weight("cos_cache", freqs.cos().numpy())
-    sin = g.weight("sin_cache", freqs.sin().numpy())
+    cos = g.weight("cos_cache", np.cos(freqs))
+    sin = g.weight("sin_cache", np.sin(freqs))
     x = "inputs_embeds"
     for li, layer in enumerate(specs.layers):
         p = f"l{li}"
@@ -124,12 +136,12 @@ def build_graph(a: LlamaArgs, specs: ModelSpec):
         past_k, past_v = f"past_key.{li}", f"past_value.{li}"
         pres_k, pres_v = f"present_key.{li}", f"present_value.{li}"
         cache = ["batch", a.n_kv_heads, "max_len", a.hd]
-        inputs += [helper.make_tensor_value_info(n, f, cache) for n in (past_k, past_v)]
-        outputs += [helper.make_tensor_value_info(n, f, cache) for n in (pres_k, pres_v)]
+        inputs += [pb.value_info(n, f, cache) for n in (past_k, past_v)]
+        outputs += [pb.value_info(n, f, cache) for n in (pres_k, pres_v)]
         attn = g.name("attn")
-        g.nodes.append(helper.make_node(
+        g.nodes.append(pb.node(
             "GroupQueryAttention", [qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length", cos, sin],
-            [attn, pres_k, pres_v], name=g.name("gqa"), domain="com.microsoft",
+            [attn, pres_k, pres_v], g.name("gqa"), domain="com.microsoft",
             num_heads=a.n_heads, kv_num_heads=a.n_kv_heads, do_rotary=1, rotary_interleaved=0))
         x = g.op("Add", [x, g.linear(attn, layer.o, p + ".o")])
         gu = g.linear(g.rms(x, layer.ffn_norm, a.rms_eps, p + ".ffn_norm"), layer.gate_up, p + ".gate_up")
@@ -141,12 +153,10 @@ def build_graph(a: LlamaArgs, specs: ModelSpec):
                           g.const("last_end", np.array([np.iinfo(np.int64).max], np.int64)),
                           g.const("last_axis", np.array([1], np.int64))])
     y = g.linear(g.rms(last, specs.norm, a.rms_eps, "final_norm"), specs.head, "lm_head")
-    g.nodes.append(helper.make_node("Reshape", [y, g.const("logits_shape", np.array([-1, a.vocab_size], np.int64))],
-                                    ["logits"], name="logits_reshape"))
-    graph = helper.make_graph(g.nodes, "ib_edge_llama_step", inputs, outputs, g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    model.ir_version = 10
+    g.nodes.append(pb.node("Reshape", [y, g.const("logits_shape", np.array([-1, a.vocab_size], np.int64))],
+                           ["logits"], "logits_reshape"))
+    model = pb.model(g.nodes, "ib_edge_llama_step", inputs, outputs, g.inits,
+                     opsets={"": 18, "com.microsoft": 1}, ir_version=10)
     return model, g.arrays
 
 
@@ -163,17 +173,14 @@ class OrtLlama(StaticKVCache):
         if why:
             raise BundleError(f"the ort LLM engine cannot run this model: {why}", hint="run with --llm-engine torch")
         self.a = a
-        self.embed = nn.Embedding.from_pretrained(specs.embed.float(), freeze=True)
+        self.embed = NumpyEmbedding(specs.embed)
         self._weight_bytes = specs.weight_bytes_per_token(a)
         model, arrays = build_graph(a, specs)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 4   # failures become one BundleError line below
+        opts = ort_session_options(ort, threads, log_severity=4)   # failures: one BundleError line below
         names = list(arrays)
         opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(arrays[n]) for n in names])
         try:
-            self.sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            self.sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types
             raise BundleError(f"ONNX Runtime cannot build the LLM decoder graph: {str(e).splitlines()[0]}",
                               hint="run with --llm-engine torch") from None
@@ -181,11 +188,26 @@ class OrtLlama(StaticKVCache):
         self._no_cache()
         self._io = self._io_cache = None
 
-    def __call__(self, x: torch.Tensor, start: int) -> torch.Tensor:
+    def __call__(self, x, start: int) -> np.ndarray:
         return self.forward(x, start)
 
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+    def _zeros(self, shape) -> np.ndarray:
+        return np.zeros(shape, np.float32)
+
+    def expand_cache(self, batch: int) -> None:
+        self.k_cache = [np.ascontiguousarray(np.broadcast_to(kc, (batch, *kc.shape[1:]))) for kc in self.k_cache]
+        self.v_cache = [np.ascontiguousarray(np.broadcast_to(vc, (batch, *vc.shape[1:]))) for vc in self.v_cache]
+
+    def reorder_cache(self, rows, filled: int) -> None:
+        rows = as_numpy(rows)
+        if np.array_equal(rows, np.arange(len(rows))):
+            return
+        for kc, vc in zip(self.k_cache, self.v_cache):   # in place: the IO binding keeps its buffers
+            kc[:, :, :filled] = kc[rows, :, :filled]
+            vc[:, :, :filled] = vc[rows, :, :filled]
+
+    def forward(self, x, start: int) -> np.ndarray:
+        """x: inputs_embeds [B, T, D], numpy or a CPU torch tensor; logits [B, V] float32 numpy."""
         b, t, d = x.shape
         if d != self.a.hidden_size or t < 1:
             raise InputError(f"inputs_embeds [{b}, {t}, {d}]: expected at least one position of width "
@@ -197,12 +219,12 @@ class OrtLlama(StaticKVCache):
             raise InputError(f"position {start + t} is past the KV cache ({self.max_len}); call setup_cache")
         if not self.k_cache or self.k_cache[0].shape[0] != b:
             raise InputError(f"batch {b} does not match the KV cache's {self.k_cache[0].shape[0] if self.k_cache else 0}")
-        x = x.float().contiguous()
+        x = np.ascontiguousarray(as_numpy(x), dtype=np.float32)
         io = self._cache_binding()
         _bind(io.bind_input, "inputs_embeds", x)
         io.bind_cpu_input("seqlens_k", np.full((b,), start + t - 1, np.int32))
         io.bind_cpu_input("total_sequence_length", np.array(start + t, np.int32))
-        logits = torch.empty(b, self.a.vocab_size)
+        logits = np.empty((b, self.a.vocab_size), np.float32)
         _bind(io.bind_output, "logits", logits)
         self.sess.run_with_iobinding(io)
         return logits
@@ -224,5 +246,5 @@ class OrtLlama(StaticKVCache):
         return self._weight_bytes
 
 
-def _bind(fn, name: str, t: torch.Tensor) -> None:
-    fn(name, "cpu", 0, np.float32, list(t.shape), t.data_ptr())
+def _bind(fn, name: str, t: np.ndarray) -> None:
+    fn(name, "cpu", 0, np.float32, list(t.shape), t.ctypes.data)

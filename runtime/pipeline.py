@@ -20,6 +20,8 @@ from .errors import InputError
 from .manifest import MANIFEST, Manifest, sha256_file
 from .preprocess import PromptEncoder, load_image, pixel_values
 from .stages import OnnxStage, session_providers
+from .quiet import quiet_libraries
+from .threads import before_torch_import
 
 
 def make_stage(manifest: Manifest, name: str, providers=None, threads: int | None = None):
@@ -58,11 +60,13 @@ class Result:
 class Pipeline:
     def __init__(self, manifest: Manifest, providers=None, threads: int | None = None,
                  llm_engine: str | None = None, verify: bool = True, device: str | None = None):
+        before_torch_import()   # OMP_WAIT_POLICY=PASSIVE for a torch the LLM may import (runtime/threads.py)
+        quiet_libraries()       # torchao/pytree/bitsandbytes import chatter (runtime/quiet.py)
         self.manifest = manifest
         self.llm_engine = llm_engine
         self._verify = verify
         if manifest.record("llm").backend == "fastllm":  # --device: runtime/cudallm.py
-            from .cudallm import resolve_llm_engine
+            from .device import resolve_llm_engine
 
             self.llm_engine = resolve_llm_engine(llm_engine, device)
         elif device == "cuda":

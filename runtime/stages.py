@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .errors import BundleError, IbEdgeError
 from .manifest import REBUILD, Manifest
+from .threads import ort_session_options
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -122,10 +123,7 @@ class OnnxStage:
         if art.get("backend", "onnxruntime") != "onnxruntime":
             raise BundleError(f"artifact '{name}' is for backend {art.get('backend')!r}, not onnxruntime")
         path = manifest.path(art["file"])
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
+        opts = ort_session_options(ort, threads)   # spinning off: runtime/threads.py
         providers = list(providers or DEFAULT_PROVIDERS)
         missing = [p if isinstance(p, str) else p[0] for p in providers]
         missing = [p for p in missing if p not in ort.get_available_providers()]

@@ -43,7 +43,7 @@ def test_rtn_bundle_manifest_and_runtime(rtn_bundle, bundle_dir):
         q, enc = _first_logits(pipe, image, prompt)
         with torch.no_grad():
             pipe.llm.model.setup_cache(enc["input_ids"].shape[1] + 1)
-            got = pipe.llm.model(pipe.llm.embeds(q, enc["input_ids"]), 0)[0].numpy()
+            got = np.asarray(pipe.llm.model(pipe.llm.embeds(q, enc["input_ids"]), 0)[0])   # ort engine: numpy
             lm = ref.llm.model
             ids = torch.from_numpy(enc["input_ids"])
             emb = lm.get_input_embeddings()(ids).masked_scatter((ids == ref.llm.image_token_id).unsqueeze(-1),
@@ -66,7 +66,7 @@ def test_llm_engines_agree_on_the_int4_bundle(rtn_bundle, tmp_path):
     for e, pipe in pipes.items():
         q, enc = _first_logits(pipe, image, "What is in the picture?")
         pipe.llm.model.setup_cache(enc["input_ids"].shape[1] + 1)
-        logits[e] = pipe.llm.model(pipe.llm.embeds(q, enc["input_ids"]), 0)[0]
+        logits[e] = torch.as_tensor(pipe.llm.model(pipe.llm.embeds(q, enc["input_ids"]), 0)[0])
     cos = float(torch.nn.functional.cosine_similarity(logits["ort"], logits["torch"], dim=0))
     assert cos >= 0.999, cos
     img = tmp_path / "x.png"
