@@ -71,7 +71,11 @@ class Served:
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "ib_edge.serve.cli", "--bundle", bundle, "--port", "0",
                                       "--log-level", "warning", *extra],
-                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                     # a session of its own, as ib-triton serve gives tritonserver: with the
+                                     # kernel's autogroup scheduling a session is one CPU share, so a server
+                                     # left in the caller's session shares it with whatever else runs there
+                                     start_new_session=True)
         line = self.proc.stderr.readline()
         m = re.search(r"listening on (http://\S+/v1)", line)
         if not m:
