@@ -71,7 +71,11 @@ class Served:
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "ib_edge.serve.cli", "--bundle", bundle, "--port", "0",
                                       "--log-level", "warning", *extra],
-                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                     # a session of its own, as ib-triton serve gives tritonserver: with the
+                                     # kernel's autogroup scheduling a session is one CPU share, so a server
+                                     # left in the caller's session shares it with whatever else runs there
+                                     start_new_session=True)
         line = self.proc.stderr.readline()
         m = re.search(r"listening on (http://\S+/v1)", line)
         if not m:
@@ -94,6 +98,13 @@ class Served:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def with_load(fn, *args) -> dict:
+    """``fn(*args)`` (a dict of figures) with the 1-min load average before and after it beside them."""
+    before = os.getloadavg()[0]
+    out = fn(*args)
+    return {**out, "loadavg": f"{before:.1f} -> {os.getloadavg()[0]:.1f}"}
 
 
 def run_concurrent(one, examples: list[dict], concurrency: int) -> dict:
@@ -163,16 +174,19 @@ def ib_run_load(bundle: str, examples: list[dict], concurrency: int, max_tokens:
 
 
 def table(res: dict) -> str:
+    unchecked = res.get("random_weights")
     L = [f"CPU: {res['cpu']}, {res['cores']} cores; load average at start {res['loadavg_start']}, "
          f"at end {res['loadavg_end']}; bundle {res['bundle']}; ib-serve ready in {res['serve_ready_s']:.1f} s",
-         "", "| system | clients | questions | requests/s | p50 ms | p99 ms | accuracy |", "|---|---|---|---|---|---|---|"]
+         "", "| system | clients | questions | requests/s | p50 ms | p99 ms | accuracy | 1-min load (start -> end) |",
+         "|---|---|---|---|---|---|---|---|"]
     for name, key in (("ib-serve", "serve"), ("ib-run, one process per question", "ib_run")):
         for c, r in res[key].items():
+            acc = "not checked (random weights)" if unchecked else f"{100 * r['accuracy']:.1f}%"
             L.append(f"| {name} | {c} | {r['n']} | {r['requests_per_s']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
-                     f"{100 * r['accuracy']:.1f}% |")
+                     f"{acc} | {r.get('loadavg', '')} |")
     t = res["ttft"]
     L += ["", f"Time to first token (streaming, 1 client, {t['n']} images, p50): cache miss {t['miss_p50_ms']:.1f} ms, "
-              f"cache hit {t['hit_p50_ms']:.1f} ms"]
+              f"cache hit {t['hit_p50_ms']:.1f} ms (1-min load {t.get('loadavg', '?')})"]
     return "\n".join(L)
 
 
@@ -188,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=9090)
     ap.add_argument("--serve-args", default="", help="extra ib-serve options, e.g. '--threads 2'")
     ap.add_argument("--run-args", default="", help="extra ib-run options, e.g. '--threads 2'")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="a random-weight bundle (ib-bench --scale real): answers are not checked")
+    ap.add_argument("--ready-timeout", type=float, default=600, help="seconds for ib-serve to load and warm up")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     import openai
@@ -195,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",") if c]
     run_levels = [int(c) for c in args.ib_run_concurrency.split(",") if c]
     res = {"cpu": cpu_model(), "cores": os.cpu_count(), "bundle": args.bundle,
-           "loadavg_start": " ".join(f"{x:.1f}" for x in os.getloadavg()), "serve": {}, "ib_run": {}}
-    served = Served(args.bundle, args.serve_args.split())
+           "loadavg_start": " ".join(f"{x:.1f}" for x in os.getloadavg()), "serve": {}, "ib_run": {},
+           "random_weights": args.random_weights}
+    served = Served(args.bundle, args.serve_args.split(), timeout=args.ready_timeout)
     res["serve_ready_s"] = served.ready_s
     try:
         client = openai.OpenAI(base_url=served.base, api_key="none", max_retries=0, timeout=900)
@@ -204,10 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         seed = args.seed
         for c in levels:
             seed += 1
-            res["serve"][c] = serve_load(client, model, proof_task.make_eval_examples(args.questions, seed), c,
-                                         args.max_tokens)
+            res["serve"][c] = with_load(serve_load, client, model, proof_task.make_eval_examples(args.questions, seed),
+                                        c, args.max_tokens)
             print(f"ib-serve, {c} clients: {res['serve'][c]}", file=sys.stderr, flush=True)
-        res["ttft"] = ttft(client, model, proof_task.make_eval_examples(args.ttft_images, seed + 1), args.max_tokens)
+        seed += 1
+        res["ttft"] = with_load(ttft, client, model, proof_task.make_eval_examples(args.ttft_images, seed), args.max_tokens)
         print(f"ttft: {res['ttft']}", file=sys.stderr, flush=True)
         import urllib.request
 
@@ -217,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         served.close()
     for c in run_levels:
         seed += 1
-        res["ib_run"][c] = ib_run_load(args.bundle, proof_task.make_eval_examples(args.ib_run_questions, seed), c,
-                                       args.max_tokens, args.run_args.split())
+        res["ib_run"][c] = with_load(ib_run_load, args.bundle, proof_task.make_eval_examples(args.ib_run_questions, seed),
+                                     c, args.max_tokens, args.run_args.split())
         print(f"ib-run, {c} at once: {res['ib_run'][c]}", file=sys.stderr, flush=True)
     res["loadavg_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(table(res))
