@@ -48,7 +48,7 @@ def torch_int4(group: int) -> dict:
     return {"ms": round(t * 1e3, 2), "MB": round(nbytes / 1e6), "GB_s": round(nbytes / t / 1e9, 2)}
 
 
-def ort_nbits(group: int, threads: int) -> dict:
+def ort_nbits(group: int, threads: int, accuracy_level: int = 4) -> dict:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -62,7 +62,7 @@ def ort_nbits(group: int, threads: int) -> dict:
             inits += [numpy_helper.from_array(b, "B" + i), numpy_helper.from_array(s, "S" + i)]
             nbytes += b.nbytes + s.nbytes
             nodes.append(helper.make_node("MatMulNBits", [f"A{k}", "B" + i, "S" + i], ["Y" + i], domain="com.microsoft",
-                                          K=k, N=n, bits=4, block_size=group, accuracy_level=4))
+                                          K=k, N=n, bits=4, block_size=group, accuracy_level=accuracy_level))
             outs.append(helper.make_tensor_value_info("Y" + i, TensorProto.FLOAT, [1, n]))
     ins = [helper.make_tensor_value_info(f"A{k}", TensorProto.FLOAT, [1, k]) for k in sorted({k for _, k in SHAPES})]
     model = helper.make_model(helper.make_graph(nodes, "linears", ins, outs, inits),
@@ -145,15 +145,21 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description="Kernel ceilings on this machine (decode linears, int8 GEMM).")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sweep", action="store_true",
+                    help="decode linears over MatMulNBits accuracy_level 0/1/4 x block 32/64/128 and torch's int4 "
+                         "kernel at the same groups (the knobs behind the engine choice, runtime/kernel_choice.py)")
     ap.add_argument("--profile-graph", metavar="ONNX", default=None,
                     help="also profile this graph with ONNX Runtime (per op type)")
     ap.add_argument("--precision", default="int8", help="the graph's precision (int8: CSE off, as the runtime)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     res = {"threads": args.threads, "read_bandwidth_GB_s": memory_bandwidth(1024)["gb_per_s"]}
-    res["decode_linears_from_dram"] = {
-        f"torch_int4_g{g}": torch_int4(g) for g in (64, 128)} | {
-        f"ort_MatMulNBits_g{g}": ort_nbits(g, args.threads) for g in (64, 128)}
+    groups, levels = ((32, 64, 128), (0, 1, 4)) if args.sweep else ((64, 128), (4,))
+    res["decode_linears_from_dram"] = {f"torch_int4_g{g}": torch_int4(g) for g in groups}
+    for lvl in levels:
+        for g in groups:
+            tag = "" if lvl == 4 and not args.sweep else f"_acc{lvl}"
+            res["decode_linears_from_dram"][f"ort_MatMulNBits_g{g}{tag}"] = ort_nbits(g, args.threads, lvl)
     res["gemm_2048"] = gemm_peaks(args.threads)
     if args.profile_graph:
         res["profile"] = {"graph": args.profile_graph, **profile_graph(args.profile_graph, args.threads, args.precision)}

@@ -34,19 +34,30 @@ def pick_engine(a: LlamaArgs, spec: ModelSpec) -> str:
 def assemble(a: LlamaArgs, tensors: dict[str, torch.Tensor], group_size: int | None, engine: str | None = None,
              threads: int | None = None) -> DecoderEngine:
     """The model on one engine: "torch" (FastLlama: our forward, torch's int4 kernel), "ort"
-    (ortllm.OrtLlama: the whole step as one ONNX Runtime graph with MatMulNBits), or None:
-    ``pick_engine``'s choice. ``model.engine`` says which."""
+    (ortllm.OrtLlama: the whole step as one ONNX Runtime graph with MatMulNBits, int8
+    activations), a kernel of ``kernel_choice.KERNELS`` ("ort-int8", "ort-fp32", "torch"), or
+    None: the kernel measured fastest on this CPU (``kernel_choice.choose``: cached, or the rule).
+    ``model.engine`` and ``model.kernel`` say which; ``model.kernel_choice`` why (engine None)."""
+    from .kernel_choice import ENGINE_DEFAULT_KERNEL, KERNELS, choose
+
     if engine == "cuda":  # the GPU engine (runtime/cudallm.py)
         from .cudallm import CudaLlama
 
         return CudaLlama(a, collect(a, tensors, group_size))
-    if engine is not None and engine not in ENGINES:
-        raise InputError(f"LLM engine {engine!r} is not one of {', '.join(ENGINES)}")
+    if engine is not None and engine not in ENGINES and engine not in KERNELS:
+        raise InputError(f"LLM engine {engine!r} is not one of {', '.join(ENGINES)} (kernels: {', '.join(KERNELS)})")
     spec = collect(a, tensors, group_size)
-    engine = engine or pick_engine(a, spec)
-    if engine == "ort":
-        return OrtLlama(a, spec, threads)
-    return build_torch(a, spec)
+    threads = threads or torch.get_num_threads()
+
+    def build(kernel: str) -> DecoderEngine:
+        eng, level = KERNELS[kernel]
+        return OrtLlama(a, spec, threads, level) if eng == "ort" else build_torch(a, spec)
+
+    if engine is not None:
+        return build(ENGINE_DEFAULT_KERNEL.get(engine, engine))
+    model, record = choose(a, spec, threads, build)
+    model.kernel_choice = record
+    return model
 
 
 def load(model_dir: str | Path, engine: str | None = None, threads: int | None = None,

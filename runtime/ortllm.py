@@ -61,9 +61,10 @@ def _nbits(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, gr
 class _Graph:
     """Nodes plus weights held as numpy arrays (fed to ORT as external initializers)."""
 
-    def __init__(self):
+    def __init__(self, accuracy_level: int = ACCURACY_LEVEL):
         self.nodes, self.inits, self.arrays = [], [], {}
         self.n = 0
+        self.accuracy_level = accuracy_level
 
     def name(self, base: str) -> str:
         self.n += 1
@@ -95,7 +96,7 @@ class _Graph:
             y = self.op("MatMulNBits", [x, self.weight(tag + ".B", b), self.weight(tag + ".scales", s),
                                         self.weight(tag + ".zp", zp)],
                         domain="com.microsoft", K=k, N=n, bits=4, block_size=spec.group_size,
-                        accuracy_level=ACCURACY_LEVEL)
+                        accuracy_level=self.accuracy_level)
         else:
             y = self.op("MatMul", [x, self.weight(tag + ".wT", spec.weight.float().t().contiguous().numpy())])
         if spec.bias is not None:
@@ -106,9 +107,10 @@ class _Graph:
         return self.op("SimplifiedLayerNormalization", [x, self.weight(tag, w.float().numpy())], axis=-1, epsilon=eps)
 
 
-def build_graph(a: LlamaArgs, specs: ModelSpec):
-    """The decoder-step ONNX model (weights as external placeholders) and its weight arrays."""
-    g = _Graph()
+def build_graph(a: LlamaArgs, specs: ModelSpec, accuracy_level: int = ACCURACY_LEVEL):
+    """The decoder-step ONNX model (weights as external placeholders) and its weight arrays;
+    ``accuracy_level``: MatMulNBits' compute type (4: int8 activations, 1: fp32)."""
+    g = _Graph(accuracy_level)
     f, i32 = TensorProto.FLOAT, TensorProto.INT32
     inputs = [helper.make_tensor_value_info("inputs_embeds", f, ["batch", "seq", a.hidden_size]),
               helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
@@ -156,7 +158,8 @@ class OrtLlama(StaticKVCache):
     prefix, start > 0 and T > 1, only at batch 1: GroupQueryAttention's limit)."""
     engine = "ort"
 
-    def __init__(self, a: LlamaArgs, specs: ModelSpec, threads: int | None = None):
+    def __init__(self, a: LlamaArgs, specs: ModelSpec, threads: int | None = None,
+                 accuracy_level: int = ACCURACY_LEVEL):
         import onnxruntime as ort
 
         why = ort_cannot_run(a, specs)
@@ -165,7 +168,8 @@ class OrtLlama(StaticKVCache):
         self.a = a
         self.embed = nn.Embedding.from_pretrained(specs.embed.float(), freeze=True)
         self._weight_bytes = specs.weight_bytes_per_token(a)
-        model, arrays = build_graph(a, specs)
+        model, arrays = build_graph(a, specs, accuracy_level)
+        self.kernel = {4: "ort-int8", 1: "ort-fp32"}.get(accuracy_level, f"ort-acc{accuracy_level}")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
