@@ -142,3 +142,11 @@ def test_real_measurement_on_the_smoke_model(home):
     assert m2.kernel == m.kernel and m2.kernel_choice["how"].startswith("cached")
     m2.setup_cache(8)
     assert m2(torch.randn(1, 3, A.hidden_size), 0).shape == (1, A.vocab_size)
+
+
+def test_time_decode_fits_a_model_with_few_positions():
+    a = LlamaArgs(vocab_size=64, hidden_size=64, n_layers=1, n_heads=4, n_kv_heads=2, intermediate_size=128,
+                  max_positions=20)
+    m = eng.assemble(a, random_int4_tensors(a, 32, seed=0), 32, "torch")
+    ms, logits = kc.time_decode(m)
+    assert ms > 0 and logits.shape == (64,)
