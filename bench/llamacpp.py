@@ -177,7 +177,8 @@ def bench(a, tensors: dict, prompt_len: int, new_tokens: int, threads: int, timi
                     if not f16.exists():
                         write_gguf(f16, a, tensors, "F16")
                     llama_quantize(f16, path, {"Q4_K": "MOSTLY_Q4_K_M"}.get(qt, f"MOSTLY_{qt}"), threads)
-                    how = f"{why_not}; written F16 by gguf, quantized by llama.cpp (llama_model_quantize, Q4_K_M)"
+                    how = (f"{why_not}; written F16 by gguf, quantized by llama.cpp's llama_model_quantize to "
+                           "Q4_K_M (its usual Q4_K file: attn_v, half the ffn_down and output in Q6_K)")
                 write_s = time.perf_counter() - t0
                 out[qt] = {"measured": True, "written_by": how, "write_s": round(write_s, 1),
                            **decode(path, prompt_len, new_tokens, threads, timing)}
