@@ -150,3 +150,14 @@ def test_time_decode_fits_a_model_with_few_positions():
     m = eng.assemble(a, random_int4_tensors(a, 32, seed=0), 32, "torch")
     ms, logits = kc.time_decode(m)
     assert ms > 0 and logits.shape == (64,)
+
+
+def test_cpu_string_and_bf16_flag_from_cpuinfo_text():
+    from ib_edge.runtime import cpuinfo
+
+    amd = "processor\t: 0\nmodel name\t: AMD EPYC 9654\nflags\t\t: fpu avx2 fma avx512f avx512_vnni avx512_bf16\n"
+    intel = "model name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t\t: avx2 avx512f avx512_vnni amx_tile amx_int8 amx_bf16\n"
+    old = "model name\t: AMD EPYC 7B12\nflags\t\t: avx2 fma\n"
+    assert cpuinfo.cpu_string(amd) == "AMD EPYC 9654 | avx2 fma avx512f avx512_vnni avx512_bf16"
+    assert cpuinfo.cpu_string(intel) != cpuinfo.cpu_string(amd) and "amx_int8" in cpuinfo.cpu_string(intel)
+    assert (cpuinfo.bf16_flag(amd), cpuinfo.bf16_flag(intel), cpuinfo.bf16_flag(old)) == ("avx512_bf16", "amx_bf16", None)
