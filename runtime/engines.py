@@ -16,19 +16,10 @@ from .errors import InputError
 from .formats import CPU_ENGINES, INT4_FORMAT, INT4_FORMAT_VERSION
 from .int4 import read_config, read_tensors
 from .llama import LlamaArgs, ModelSpec, build_torch, check_shapes, collect
-from .ortllm import OrtLlama, ort_cannot_run
+from .kernel_choice import DEFAULT_ENGINE, ENGINE_DEFAULT_KERNEL, KERNELS, choose, pick_engine  # noqa: F401
+from .ortllm import OrtLlama
 
 ENGINES = CPU_ENGINES
-# preferred where it can run the model: ~1.5x the torch engine's decode rate on the
-# TinyLlama-shaped bench (30.8-51.0 vs 23.2-27.4 tokens/s over 8 runs, README)
-DEFAULT_ENGINE = "ort"
-
-
-def pick_engine(a: LlamaArgs, spec: ModelSpec) -> str:
-    """The default: the ort engine for int4 decoder layers it can run; torch otherwise (fp32
-    weights: ORT kept a second copy of dense weights, 1181 vs 691 MB RSS on a 533 MB model)."""
-    int4_layers = all(s.kind == "int4" for l in spec.layers for s in (l.qkv, l.o, l.gate_up, l.down))
-    return DEFAULT_ENGINE if int4_layers and ort_cannot_run(a, spec) is None else "torch"
 
 
 def assemble(a: LlamaArgs, tensors: dict[str, torch.Tensor], group_size: int | None, engine: str | None = None,
@@ -38,8 +29,6 @@ def assemble(a: LlamaArgs, tensors: dict[str, torch.Tensor], group_size: int | N
     activations), a kernel of ``kernel_choice.KERNELS`` ("ort-int8", "ort-fp32", "torch"), or
     None: the kernel measured fastest on this CPU (``kernel_choice.choose``: cached, or the rule).
     ``model.engine`` and ``model.kernel`` say which; ``model.kernel_choice`` why (engine None)."""
-    from .kernel_choice import ENGINE_DEFAULT_KERNEL, KERNELS, choose
-
     if engine == "cuda":  # the GPU engine (runtime/cudallm.py)
         from .cudallm import CudaLlama
 
