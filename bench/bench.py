@@ -30,7 +30,8 @@ import numpy as np
 from ib_edge.runtime.errors import IbEdgeError
 
 from . import measure, proof_task
-from .systems import STAGES, BundleSystem, NotAvailable, TransformersSystem, nf4_unavailable_reason
+from .systems import (STAGES, BundleSystem, NotAvailable, TransformersSystem, bf16_unavailable_reason,
+                      nf4_unavailable_reason)
 
 SCHEMA = "ib-bench/1"
 DEFAULT_N_EVAL = 50
@@ -299,7 +300,8 @@ def bench_transformers(name: str, checkpoint: str, quantization, cfg: BenchConfi
         bound = {"measured": False, "reason": f"the LLM runs on {system.device}; the bandwidth measured here is the "
                  "CPU's (python bench/gpu_check.py measures the GPU's)"}
     rec = {"name": name, "available": True, "kind": "transformers", "checkpoint": checkpoint,
-           "quantization": quantization or "none (fp32, eager attention)", "device": str(system.device),
+           "quantization": {None: "none (fp32, eager attention)", "bf16": "none (bf16 weights and compute, eager "
+                            "attention)"}.get(quantization, quantization), "device": str(system.device),
            "load_ms": load_ms, **lat, "bandwidth_bound": bound,
            **({"nf4_generic_cpu_layers": system.nf4_generic_layers} if quantization == "nf4" else {}),
            "memory": mem.record(), "agreement": agreement(preds, ref_preds, ref_name),
@@ -391,7 +393,7 @@ def run_bench(cfg: BenchConfig, log=lambda m: print(m, file=sys.stderr, flush=Tr
             results[b] = rec
         baselines = {}
         if not cfg.baselines:
-            for key in ("transformers_fp32_eager", "transformers_bnb_nf4"):
+            for key in ("transformers_fp32_eager", "transformers_bf16_eager", "transformers_bnb_nf4"):
                 baselines[key] = {"available": False, "reason": "skipped (--no-baselines)"}
         else:
             if checkpoint is None:
@@ -400,6 +402,14 @@ def run_bench(cfg: BenchConfig, log=lambda m: print(m, file=sys.stderr, flush=Tr
                 baselines["transformers_fp32_eager"] = bench_transformers(
                     "transformers fp32 eager", checkpoint, None, cfg, examples, bandwidth, ref_preds, ref_name, bar)
                 baselines["transformers_fp32_eager"]["source_from"] = src_origin
+            reason = bf16_unavailable_reason() or (None if checkpoint else src_origin)
+            if reason:
+                baselines["transformers_bf16_eager"] = {"available": False, "reason": f"not available: {reason}"}
+            else:
+                bar.total += cfg.warmup + cfg.runs + n_ex
+                baselines["transformers_bf16_eager"] = bench_transformers(
+                    "transformers bf16 eager", checkpoint, "bf16", cfg, examples, bandwidth, ref_preds, ref_name, bar)
+                baselines["transformers_bf16_eager"]["source_from"] = src_origin
             reason = nf4_unavailable_reason() or (None if checkpoint else src_origin)
             if reason:
                 baselines["transformers_bnb_nf4"] = {"available": False, "reason": f"not available: {reason}"}

@@ -9,13 +9,16 @@ of the read-bandwidth bound.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import torch
 from torch import nn
 
 from ib_edge.runtime.decode import generate
+from ib_edge.runtime.cpuinfo import cpu_string
 from ib_edge.runtime.engines import DEFAULT_ENGINE, ENGINES, assemble
+from ib_edge.runtime.kernel_choice import ENGINE_DEFAULT_KERNEL, KERNELS
 from ib_edge.runtime.formats import DEFAULT_GROUP_SIZE, KERNEL_GROUP_SIZES
 from ib_edge.runtime.int4 import Int4Linear, linear_bytes
 from ib_edge.runtime.llama import LAYER, PRESETS, FastLlama, LlamaArgs
@@ -61,9 +64,12 @@ def random_int4_tensors(a: LlamaArgs, group_size: int = DEFAULT_GROUP_SIZE, seed
 
 
 def bench(preset: str = "tinyllama-1.1b", group_size: int = DEFAULT_GROUP_SIZE, prompt_len: int = 40, new_tokens: int = 32,
-          hf_tokens: int = 8, threads: int | None = None, nf4: bool = True, engine: str = DEFAULT_ENGINE) -> dict:
-    """Decode speed of the int4 path on ``engine`` (the headline figures), the other engine in
-    the same run, transformers fp32 and (when installed) transformers + bitsandbytes NF4."""
+          hf_tokens: int = 8, threads: int | None = None, nf4: bool = True, engine: str = "auto",
+          llamacpp: bool = True) -> dict:
+    """Decode speed of the int4 path on every CPU kernel the runtime may choose
+    (``kernel_choice.KERNELS``), the headline on ``engine`` ("auto": the fastest of this run, which
+    is what the runtime's measured choice picks), transformers fp32, (when installed)
+    transformers + bitsandbytes NF4 and llama.cpp (Q4_0, Q4_K) on the same weights, in one run."""
     import resource
 
     if threads:
@@ -71,9 +77,9 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = DEFAULT_GROUP_SIZE, 
     a = PRESETS[preset]
     emb = torch.randn(1, prompt_len, a.hidden_size) * 0.02
 
-    def measure(eng):
+    def measure(kernel):
         t0 = time.perf_counter()
-        model = random_int4_model(a, group_size, engine=eng)
+        model = random_int4_model(a, group_size, engine=kernel)
         build_s = time.perf_counter() - t0
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -83,16 +89,21 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = DEFAULT_GROUP_SIZE, 
             return time.perf_counter() - t0, len(ids)
 
         prefill_s, tps = _decode_timing(run, new_tokens)
-        out = {"engine": eng, "build_s": round(build_s, 1), "prefill_ms": round(prefill_s * 1e3, 1),
-               "decode_tok_s": round(tps, 2), "weight_MB_per_token": round(model.weight_bytes_per_token() / 1e6, 1),
+        out = {"kernel": kernel, "engine": model.engine, "build_s": round(build_s, 1),
+               "prefill_ms": round(prefill_s * 1e3, 1), "decode_tok_s": round(tps, 2),
+               "weight_MB_per_token": round(model.weight_bytes_per_token() / 1e6, 1),
                "achieved_GB_s": round(model.weight_bytes_per_token() * tps / 1e9, 2),
-               "decode_ms_per_token": round(1e3 / tps, 2), "peak_rss_MB": round(rss)}
-        if eng == "torch":
+               "decode_ms_per_token": round(1e3 / tps, 2), "process_peak_rss_MB": round(rss)}
+        if kernel == "torch":
             out.update(_linears_alone(model))
         return out
 
-    main = measure(engine)        # first: its peak RSS is its own
-    other = measure(next(e for e in ENGINES if e != engine))
+    kernels = {k: measure(k) for k in KERNELS}   # the first one's peak RSS is its own
+    head = (max(kernels, key=lambda k: kernels[k]["decode_tok_s"]) if engine == "auto"
+            else ENGINE_DEFAULT_KERNEL.get(engine, engine))
+    main = kernels[head]
+    cpp = (_llamacpp(a, group_size, prompt_len, new_tokens, torch.get_num_threads()) if llamacpp
+           else {"measured": False, "reason": "--no-llamacpp"})
     # after the RSS readings: the probe's arrays are GiB-sized
     probes = memory_bandwidth(64 if preset == "smoke" else 1024)
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -107,25 +118,38 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = DEFAULT_GROUP_SIZE, 
     # the bound is the best streaming rate of this run: the probes and every system's own rate
     hf_bytes = sum(p.numel() * p.element_size() for n, p in hf.named_parameters() if "embed_tokens" not in n)
     del hf
-    eff = {f"{r['engine']} engine": r["achieved_GB_s"] for r in (main, other)}
+    eff = {f"{k} kernel": r["achieved_GB_s"] for k, r in kernels.items()}
     eff["transformers fp32"] = hf_bytes * hf_tps / 1e9 if hf_tps == hf_tps else None
     bw, bound_by = streaming_bound({k: v["gb_per_s"] for k, v in probes["probes"].items()}, eff)
-    for r in (main, other):
+    for r in kernels.values():
         r["pct_of_bandwidth_bound"] = round(100 * r["achieved_GB_s"] / bw, 1)
     tps = main["decode_tok_s"]
-    return {"preset": preset, "threads": torch.get_num_threads(), "group_size": group_size, "engine": engine,
+    vs_cpp = {f"speedup_vs_llamacpp_{q}": round(tps / r["decode_tok_s"], 2) for q, r in cpp.items()
+              if isinstance(r, dict) and r.get("measured")}
+    return {"preset": preset, "threads": torch.get_num_threads(), "group_size": group_size,
+            "cpu": cpu_string(), "load_average": [round(v, 2) for v in os.getloadavg()],
+            "headline_kernel": head, "headline_how": "fastest kernel of this run" if engine == "auto" else "--engine",
             "int4_build_s": main["build_s"], "int4_prefill_ms": main["prefill_ms"],
             "int4_decode_tok_s": tps, "transformers_fp32_decode_tok_s": round(hf_tps, 2),
-            "speedup": round(tps / hf_tps, 2), "int4_weight_MB_per_token": main["weight_MB_per_token"],
+            "speedup": round(tps / hf_tps, 2), **vs_cpp, "int4_weight_MB_per_token": main["weight_MB_per_token"],
             "achieved_GB_s": main["achieved_GB_s"], "read_bandwidth_GB_s": round(bw, 2), "bound_set_by": bound_by,
             "read_probes_GB_s": {k: v["gb_per_s"] for k, v in probes["probes"].items()},
             "transformers_fp32_achieved_GB_s": None if eff["transformers fp32"] is None else round(eff["transformers fp32"], 2),
             "pct_of_bandwidth_bound": main["pct_of_bandwidth_bound"],
-            "decode_ms_per_token": main["decode_ms_per_token"], "peak_rss_int4_MB": main["peak_rss_MB"],
+            "decode_ms_per_token": main["decode_ms_per_token"],
             "peak_rss_total_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            f"{other['engine']}_engine": other,
-            "transformers_bnb_nf4": nf4,
+            "kernels": kernels, "llama_cpp": cpp, "transformers_bnb_nf4": nf4,
             **({"speedup_vs_nf4": round(tps / nf4["decode_tok_s"], 2)} if nf4.get("measured") else {})}
+
+
+def _llamacpp(a: LlamaArgs, group_size: int, prompt_len: int, new_tokens: int, threads: int) -> dict:
+    """llama.cpp on the same random weights (bench/llamacpp.py), or why it was skipped."""
+    from . import llamacpp
+
+    why = llamacpp.unavailable_reason()
+    if why:
+        return {"measured": False, "reason": why}
+    return llamacpp.bench(a, random_int4_tensors(a, group_size), prompt_len, new_tokens, threads, _decode_timing)
 
 
 def _linears_alone(model: FastLlama, repeats: int = 3) -> dict:
@@ -214,11 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-nf4", action="store_true", help="skip the transformers + bitsandbytes NF4 comparison")
-    ap.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
-                    help="engine of the headline figures (the other one is measured too)")
+    ap.add_argument("--engine", choices=("auto", *ENGINES, *KERNELS), default="auto",
+                    help="engine or kernel of the headline figures (default auto: the fastest of this run, as the "
+                         "runtime's measured choice; every kernel is measured either way)")
+    ap.add_argument("--no-llamacpp", action="store_true",
+                    help="skip the llama.cpp baseline (skipped anyway when llama_cpp/gguf are not importable)")
     args = ap.parse_args(argv)
     res = bench(args.preset, args.group_size, new_tokens=args.new_tokens, hf_tokens=args.hf_tokens,
-                threads=args.threads, nf4=not args.no_nf4, engine=args.engine)
+                threads=args.threads, nf4=not args.no_nf4, engine=args.engine, llamacpp=not args.no_llamacpp)
     print(json.dumps(res, indent=2))
     return 0
 

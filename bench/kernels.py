@@ -9,8 +9,9 @@
   88 nodes in one session, and a
   plain ``torch.sum`` over a 1 GiB array (read bandwidth). Separate weights per layer, so the
   caches cannot hold them (a single matrix timed in a loop fits in L3 and flatters a kernel 2-3x).
-* INT8 GEMM peak: a 2048-cube product in torch fp32, bf16, ``_int_mm`` (int8) and ORT
-  ``MatMulInteger`` (u8 x s8), the ceiling for the INT8 ViT's QLinearMatMuls.
+* INT8 GEMM peak: a 2048-cube product in torch fp32, bf16 (operands converted beforehand),
+  ``_int_mm`` (int8) and ORT ``MatMulInteger`` (u8 x s8), the ceiling for the INT8 ViT's
+  QLinearMatMuls; ``--gemm-only`` runs just these.
 * ``--profile-graph``: ONNX Runtime's per-op-type time for one graph (as the runtime runs it).
 
 Random weights throughout; only speed is measured. Prints one JSON object.
@@ -19,9 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
+
+from ib_edge.runtime.cpuinfo import cpu_string
 
 from .measure import best_time, memory_bandwidth
 
@@ -48,7 +52,7 @@ def torch_int4(group: int) -> dict:
     return {"ms": round(t * 1e3, 2), "MB": round(nbytes / 1e6), "GB_s": round(nbytes / t / 1e9, 2)}
 
 
-def ort_nbits(group: int, threads: int) -> dict:
+def ort_nbits(group: int, threads: int, accuracy_level: int = 4) -> dict:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -62,7 +66,7 @@ def ort_nbits(group: int, threads: int) -> dict:
             inits += [numpy_helper.from_array(b, "B" + i), numpy_helper.from_array(s, "S" + i)]
             nbytes += b.nbytes + s.nbytes
             nodes.append(helper.make_node("MatMulNBits", [f"A{k}", "B" + i, "S" + i], ["Y" + i], domain="com.microsoft",
-                                          K=k, N=n, bits=4, block_size=group, accuracy_level=4))
+                                          K=k, N=n, bits=4, block_size=group, accuracy_level=accuracy_level))
             outs.append(helper.make_tensor_value_info("Y" + i, TensorProto.FLOAT, [1, n]))
     ins = [helper.make_tensor_value_info(f"A{k}", TensorProto.FLOAT, [1, k]) for k in sorted({k for _, k in SHAPES})]
     model = helper.make_model(helper.make_graph(nodes, "linears", ins, outs, inits),
@@ -82,10 +86,11 @@ def gemm_peaks(threads: int, size: int = 2048) -> dict:
 
     ops = 2 * size ** 3
     a, b = torch.randn(size, size), torch.randn(size, size)
+    ah, bh = a.bfloat16(), b.bfloat16()   # converted once: the GEMM alone is timed
     ai = torch.randint(-128, 127, (size, size), dtype=torch.int8)
     bi = torch.randint(-128, 127, (size, size), dtype=torch.int8)
     out = {"fp32_GFLOP_s": ops / _best(lambda: a @ b) / 1e9,
-           "bf16_GFLOP_s": ops / _best(lambda: a.bfloat16() @ b.bfloat16()) / 1e9,
+           "bf16_GFLOP_s": ops / _best(lambda: ah @ bh) / 1e9,
            "torch_int_mm_GOP_s": ops / _best(lambda: torch._int_mm(ai, bi)) / 1e9}
     w = np.random.default_rng(0).integers(-128, 127, (size, size), dtype=np.int8)
     g = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "mm",
@@ -145,15 +150,27 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description="Kernel ceilings on this machine (decode linears, int8 GEMM).")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sweep", action="store_true",
+                    help="decode linears over MatMulNBits accuracy_level 0/1/4 x block 32/64/128 and torch's int4 "
+                         "kernel at the same groups (the knobs behind the engine choice, runtime/kernel_choice.py)")
+    ap.add_argument("--gemm-only", action="store_true", help="only the 2048-cube GEMM rates")
     ap.add_argument("--profile-graph", metavar="ONNX", default=None,
                     help="also profile this graph with ONNX Runtime (per op type)")
     ap.add_argument("--precision", default="int8", help="the graph's precision (int8: CSE off, as the runtime)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    res = {"threads": args.threads, "read_bandwidth_GB_s": memory_bandwidth(1024)["gb_per_s"]}
-    res["decode_linears_from_dram"] = {
-        f"torch_int4_g{g}": torch_int4(g) for g in (64, 128)} | {
-        f"ort_MatMulNBits_g{g}": ort_nbits(g, args.threads) for g in (64, 128)}
+    res = {"threads": args.threads, "cpu": cpu_string(), "load_average_before": [round(v, 2) for v in os.getloadavg()]}
+    if args.gemm_only:
+        res["gemm_2048"] = gemm_peaks(args.threads)
+        print(json.dumps(res, indent=2))
+        return 0
+    res["read_bandwidth_GB_s"] = memory_bandwidth(1024)["gb_per_s"]
+    groups, levels = ((32, 64, 128), (0, 1, 4)) if args.sweep else ((64, 128), (4,))
+    res["decode_linears_from_dram"] = {f"torch_int4_g{g}": torch_int4(g) for g in groups}
+    for lvl in levels:
+        for g in groups:
+            tag = "" if lvl == 4 and not args.sweep else f"_acc{lvl}"
+            res["decode_linears_from_dram"][f"ort_MatMulNBits_g{g}{tag}"] = ort_nbits(g, args.threads, lvl)
     res["gemm_2048"] = gemm_peaks(args.threads)
     if args.profile_graph:
         res["profile"] = {"graph": args.profile_graph, **profile_graph(args.profile_graph, args.threads, args.precision)}

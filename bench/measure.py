@@ -247,13 +247,9 @@ def decode_bound(per_token_bytes: int, bandwidth_gb_s: float, measured_tok_s: fl
 
 # --- the machine -------------------------------------------------------------------------
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware", "processor\t: arm")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from ib_edge.runtime.cpuinfo import cpu_model
+
+    return cpu_model()
 
 
 def _mem_total_mb() -> float | None:

@@ -155,7 +155,8 @@ def prepare(spec: ScaleSpec, work_dir: Path, *, calib_images: int = 8, seed: int
 
     work_dir = Path(work_dir)
     stamp = work_dir / "scale.json"
-    key = {"spec": dataclasses.asdict(spec), "seed": seed, "calib_images": calib_images, "llm_quant": "rtn"}
+    key = {"spec": dataclasses.asdict(spec), "seed": seed, "calib_images": calib_images, "llm_quant": "rtn",
+           "int8_stages": "auto (timed on this machine)"}
     ckpt = work_dir / "checkpoint"
     bundles = [work_dir / "bundle-fp32", work_dir / "bundle-int8", work_dir / "bundle-int8-int4"]
     if stamp.is_file():

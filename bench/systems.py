@@ -96,6 +96,16 @@ def nf4_unavailable_reason() -> str | None:
     return None
 
 
+def bf16_unavailable_reason() -> str | None:
+    """Why a bf16 eager baseline would not be what a user of this CPU runs (None: it is)."""
+    from ib_edge.runtime.cpuinfo import BF16_FLAGS, bf16_flag, cpu_model
+
+    if bf16_flag() is None:
+        return (f"this CPU ({cpu_model()}) has no native bf16 ({' or '.join(BF16_FLAGS)} not in /proc/cpuinfo "
+                "flags): torch would emulate it")
+    return None
+
+
 def _nf4_cpu_fallbacks(model) -> int:
     """bitsandbytes' packed CPU NF4 kernel (avx512-bf16) needs out_features % 32 == 0 and
     in_features % blocksize == 0 and fails otherwise ("N must be divisible by block_n"); such
@@ -112,8 +122,9 @@ def _nf4_cpu_fallbacks(model) -> int:
 
 
 class TransformersSystem:
-    """transformers' own InstructBLIP generate. ``quantization``: None (fp32 eager on CPU) or
-    "nf4" (bitsandbytes 4-bit NF4 weights, as a user would load them: fp16 compute on CUDA
+    """transformers' own InstructBLIP generate. ``quantization``: None (fp32 eager on CPU), "bf16"
+    (weights and compute in bfloat16 on CPU, eager: what a user tries on a CPU with native bf16)
+    or "nf4" (bitsandbytes 4-bit NF4 weights, as a user would load them: fp16 compute on CUDA
     device 0 when there is a GPU, else fp32 compute on CPU)."""
     kind = "transformers"
 
@@ -138,8 +149,13 @@ class TransformersSystem:
                 device_map={"": 0} if cuda else {"": "cpu"}, dtype=dt)
         elif quantization is None:
             kwargs["dtype"] = torch.float32
+        elif quantization == "bf16":
+            reason = bf16_unavailable_reason()
+            if reason:
+                raise NotAvailable(reason)
+            kwargs["dtype"] = torch.bfloat16
         else:
-            raise ValueError(f"quantization {quantization!r}: None or 'nf4'")
+            raise ValueError(f"quantization {quantization!r}: None, 'bf16' or 'nf4'")
         self.model = InstructBlipForConditionalGeneration.from_pretrained(checkpoint, trust_remote_code=False,
                                                                           **kwargs).eval()
         self.processor = InstructBlipProcessor.from_pretrained(checkpoint, trust_remote_code=False)

@@ -116,7 +116,7 @@ def export_bundle(model_ref: str | None, out: Path, **options) -> Path:
             step("quantize")
             prompts = PromptEncoder(tmp / tokenizers["llm"], tmp / tokenizers["qformer"], mrec)
             q = quantize_stages(precision, fp32_paths, tmp, preprocess=prep, prompts=prompts, calib=calib_set,
-                                method=o.calib_method, recipes=recipes, int8_stages=o.int8_stages, log=log)
+                                method=o.calib_method, recipes=recipes, int8_stages=o.stage_choice(), log=log)
             for stage, rec in q["stages"].items():
                 stage_precision[stage] = rec.pop("precision", precision)
                 artifacts[stage].update(rec)

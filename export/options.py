@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from .tensorrt import DEFAULT_BATCH, DEFAULT_TEXT_LEN, DEFAULT_WORKSPACE_MB
 
 BACKENDS = ("onnxruntime", "tensorrt")
 CALIB_METHODS = ("minmax", "percentile")
-INT8_STAGES = ("all", "faster")
+INT8_STAGES = ("auto", "faster", "all")
+INT8_STAGES_ENV = "IB_EDGE_INT8_STAGES"   # what --int8-stages auto means when set
 LLM_QUANT = (None, "rtn", "gptq", "awq", "int8", "mixed")
 WEIGHT_ONLY = ("int8", "mixed")     # any LLM family, transformers runtime with low-bit kernels
 LLM_CALIB = ("multimodal", "text")  # GPTQ/AWQ calibration data: what the LLM sees, or the text-only baseline
@@ -54,9 +56,11 @@ class ExportOptions:
     calib: str | Path | None = _opt(None, "calibration images (+ optional instructions.txt) for int8/fp16; default: "
                                     "the shipped set. Calibrating on your own domain is recommended", metavar="DIR")
     calib_method: str = _opt("minmax", "activation range calibration for int8", choices=CALIB_METHODS)
-    int8_stages: str = _opt("all", "with --precision int8: all (every stage int8, as TensorRT wants) or faster (time "
-                            "each stage's int8 and fp32 graphs on this machine's ONNX Runtime CPU and keep fp32 where "
-                            "int8 is not faster: on x86 CPUs the int8 Q-Former is)", choices=INT8_STAGES)
+    int8_stages: str = _opt("auto", "with --precision int8: faster (time each stage's int8 and fp32 graphs on this "
+                            "machine's ONNX Runtime CPU and keep fp32 where int8 is not faster: int8 speed depends on "
+                            "the CPU's VNNI/AMX), all (every stage int8, as TensorRT and GPUs want, or for another "
+                            "target than this machine) or auto (default: faster with --backend onnxruntime, all with "
+                            "tensorrt)", choices=INT8_STAGES)
     recipe_dir: str | Path | None = _opt(None, "re-apply the int8 recipes saved in a bundle (DIR or DIR/recipes) "
                                          "instead of searching", flag="--recipe", metavar="DIR")
     llm_quant: str | None = _opt(None, "low-bit LLM. Llama family, fast int4 runtime: rtn (round to nearest), gptq "
@@ -91,6 +95,20 @@ class ExportOptions:
     def __post_init__(self):
         if isinstance(self.trt, Mapping):  # callers may give the TensorRT options as a dict of its fields
             object.__setattr__(self, "trt", TrtOptions(**self.trt))
+
+    def stage_choice(self) -> str:
+        """--int8-stages as the export applies it ("faster" or "all"): "auto" is $IB_EDGE_INT8_STAGES
+        when set (the test suite pins "all"), else faster, for int8 on --backend onnxruntime; all otherwise."""
+        if self.int8_stages != "auto":
+            return self.int8_stages
+        if self.precision != "int8" or self.backend != "onnxruntime":
+            return "all"
+        env = os.environ.get(INT8_STAGES_ENV, "").strip()
+        if env:
+            if env not in INT8_STAGES[1:]:
+                raise ExportError(f"{INT8_STAGES_ENV}={env!r} is not one of {', '.join(INT8_STAGES[1:])}")
+            return env
+        return "faster"
 
     def fields(self) -> dict:
         """The options as ``export_bundle`` keyword arguments."""

@@ -59,9 +59,10 @@ def plan_export(model_ref: str | None, out: str | Path, opts: ExportOptions) -> 
                                "--backend onnxruntime and run it with ib-run --providers tensorrt,cuda,cpu")
     out = Path(out).expanduser().resolve()
     check_replaceable(out)
-    if o.int8_stages != "all" and (o.precision != "int8" or o.backend != "onnxruntime"):
+    if o.int8_stages == "faster" and (o.precision != "int8" or o.backend != "onnxruntime"):
         raise ExportError("--int8-stages faster times stages on ONNX Runtime CPU; use it with --precision int8 "
                           "and --backend onnxruntime")
+    o.stage_choice()  # a bad $IB_EDGE_INT8_STAGES fails here, before any work
     if o.recipe_dir is not None and o.precision != "int8":
         raise ExportError("--recipe re-applies INT8 recipes; use it with --precision int8")
     if o.llm_quant not in LLM_QUANT:

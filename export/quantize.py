@@ -17,6 +17,7 @@ import numpy as np
 from ib_edge.quant import budgets, fp16, int8
 from ib_edge.quant.calibration import CalibrationError, CalibrationSet
 from ib_edge.quant.drift import compare
+from ib_edge.runtime.cpuinfo import cpu_string
 from ib_edge.runtime.manifest import sha256_file
 from ib_edge.runtime.preprocess import PromptEncoder, load_image, pixel_values
 
@@ -39,7 +40,7 @@ def _qformer_feeds(embeds: list[np.ndarray], instructions, prompts: PromptEncode
     return feeds
 
 
-INT8_STAGES = ("all", "faster")
+INT8_STAGES = ("all", "faster")   # as applied (ExportOptions.stage_choice resolves "auto")
 SPEED_RUNS = 5
 
 
@@ -62,6 +63,12 @@ def time_graph(path: Path, feed: dict[str, np.ndarray], runs: int = SPEED_RUNS) 
         sess.run(None, f)
         times.append((time.perf_counter() - t0) * 1e3)
     return float(np.median(times))
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def _keep_fp32(fp32_path: Path, out_path: Path) -> None:
@@ -196,6 +203,7 @@ def quantize_stages(precision: str, fp32: dict[str, Path], out_dir: Path, *, pre
             keep = t_int8 >= t_fp32
             records[stage]["speed_check"] = {"fp32_ms": round(t_fp32, 2), "int8_ms": round(t_int8, 2),
                                              "runs": SPEED_RUNS, "where": "this machine, ONNX Runtime CPU",
+                                             "cpu": cpu_string(), "onnxruntime": _ort_version(),
                                              "shipped": "fp32" if keep else "int8"}
             log(f"      {stage} speed: int8 {t_int8:.1f} ms vs fp32 {t_fp32:.1f} ms -> ships "
                 f"{'fp32 (int8 is not faster here)' if keep else 'int8'}")
@@ -204,7 +212,7 @@ def quantize_stages(precision: str, fp32: dict[str, Path], out_dir: Path, *, pre
                 records[stage]["precision"] = "fp32"
                 ref = int8.run_graph(fp32[stage], feeds[stage][1], STAGE_OUTPUT[stage])
                 records[stage]["drift"] = compare(ref, ref).to_json()  # the shipped graph is the fp32 one
-                records[stage]["quantization"] = {"scheme": "kept fp32 (--int8-stages faster: int8 not faster "
+                records[stage]["quantization"] = {"scheme": "kept fp32 (--int8-stages faster/auto: int8 not faster "
                                                   "on this machine)", "int8_recipe_searched": records[stage][
                                                       "quantization"]}
     # The chain the LLM sees: quantized vision feeding the quantized Q-Former.

@@ -13,46 +13,66 @@ from pathlib import Path
 from .decode import DecoderEngine
 from .errors import InputError
 from .formats import CPU_ENGINES, INT4_FORMAT, INT4_FORMAT_VERSION
+from .kernel_choice import DEFAULT_ENGINE, ENGINE_DEFAULT_KERNEL, KERNELS, choose, pick_engine  # noqa: F401
 from .llama_spec import LlamaArgs, ModelSpec, check_shapes, collect
-from .ortllm import OrtLlama, ort_cannot_run
+from .ortllm import OrtLlama
 from .safetensors_io import read_config, read_tensors
 
 ENGINES = CPU_ENGINES
-# preferred where it can run the model: ~1.5x the torch engine's decode rate on the
-# TinyLlama-shaped bench (30.8-51.0 vs 23.2-27.4 tokens/s over 8 runs, README)
-DEFAULT_ENGINE = "ort"
-
-
-def pick_engine(a: LlamaArgs, spec: ModelSpec) -> str:
-    """The default: the ort engine for int4 decoder layers it can run; torch otherwise (fp32
-    weights: ORT kept a second copy of dense weights, 1181 vs 691 MB RSS on a 533 MB model)."""
-    int4_layers = all(s.kind == "int4" for l in spec.layers for s in (l.qkv, l.o, l.gate_up, l.down))
-    return DEFAULT_ENGINE if int4_layers and ort_cannot_run(a, spec) is None else "torch"
 
 
 def assemble(a: LlamaArgs, tensors: dict, group_size: int | None, engine: str | None = None,
              threads: int | None = None) -> DecoderEngine:
     """The model on one engine: "torch" (FastLlama: our forward, torch's int4 kernel), "ort"
-    (ortllm.OrtLlama: the whole step as one ONNX Runtime graph with MatMulNBits), or None:
-    ``pick_engine``'s choice. ``model.engine`` says which. ``tensors``: numpy arrays or torch
-    tensors; torch is imported only for the torch and cuda engines."""
-    if engine is not None and engine not in ENGINES + ("cuda",):
-        raise InputError(f"LLM engine {engine!r} is not one of {', '.join(ENGINES)}")
+    (ortllm.OrtLlama: the whole step as one ONNX Runtime graph with MatMulNBits), a kernel of
+    ``kernel_choice.KERNELS`` ("ort-int8", "ort-fp32", "torch"), or None: the kernel measured
+    fastest on this CPU (``kernel_choice.choose``: cached, or the rule). ``model.engine`` and
+    ``model.kernel`` say which; ``model.kernel_choice`` why (engine None). ``tensors``: numpy
+    arrays or torch tensors; torch is imported only for the torch and cuda engines (and to
+    measure the torch kernel once, where torch is installed)."""
+    if engine is not None and engine not in ENGINES + ("cuda",) and engine not in KERNELS:
+        raise InputError(f"LLM engine {engine!r} is not one of {', '.join(ENGINES)} (kernels: {', '.join(KERNELS)})")
     spec = collect(a, tensors, group_size)
-    engine = engine or pick_engine(a, spec)
-    if engine == "ort":
-        return OrtLlama(a, spec, threads)
-    import torch
+    if engine == "cuda":  # the GPU engine (runtime/cudallm.py)
+        from .cudallm import CudaLlama
+        from .llama import torch_spec
 
-    from .llama import build_torch, torch_spec
+        _torch_threads(threads)
+        return CudaLlama(a, torch_spec(spec))
+    threads = threads or default_threads()
+
+    def build(kernel: str) -> DecoderEngine:
+        eng, level = KERNELS[kernel]
+        if eng == "ort":
+            return OrtLlama(a, spec, threads, level)
+        _torch_threads(threads)
+        from .llama import build_torch
+
+        return build_torch(a, spec)
+
+    if engine is not None:
+        return build(ENGINE_DEFAULT_KERNEL.get(engine, engine))
+    model, record = choose(a, spec, threads, build)
+    model.kernel_choice = record
+    return model
+
+
+def default_threads() -> int:
+    """The engines' thread count when none is given: one per core this process may run on (the
+    cache key of ``kernel_choice`` needs a number; ONNX Runtime and torch default to the same)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _torch_threads(threads: int | None) -> None:
+    import torch
 
     if threads:
         torch.set_num_threads(threads)
-    if engine == "cuda":  # the GPU engine (runtime/cudallm.py)
-        from .cudallm import CudaLlama
-
-        return CudaLlama(a, torch_spec(spec))
-    return build_torch(a, spec)
 
 
 def load(model_dir: str | Path, engine: str | None = None, threads: int | None = None,

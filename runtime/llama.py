@@ -70,7 +70,7 @@ def rope_freqs(a: LlamaArgs) -> torch.Tensor:
 class FastLlama(nn.Module, StaticKVCache):
     """forward(inputs_embeds [B, T, D], start) -> logits of the last position [B, V], filling the
     static KV cache at positions start..start+T-1."""
-    engine = "torch"
+    engine = kernel = "torch"
 
     def __init__(self, a: LlamaArgs, embed: torch.Tensor, blocks: list[Block], norm: torch.Tensor, lm_head: nn.Module):
         super().__init__()

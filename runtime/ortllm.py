@@ -73,9 +73,10 @@ def _nbits(qweight, scales, qzeros, group: int):
 class _Graph:
     """Nodes plus weights held as numpy arrays (fed to ORT as external initializers)."""
 
-    def __init__(self):
+    def __init__(self, accuracy_level: int = ACCURACY_LEVEL):
         self.nodes, self.inits, self.arrays = [], [], {}
         self.n = 0
+        self.accuracy_level = accuracy_level
 
     def name(self, base: str) -> str:
         self.n += 1
@@ -103,7 +104,7 @@ class _Graph:
             y = self.op("MatMulNBits", [x, self.weight(tag + ".B", b), self.weight(tag + ".scales", s),
                                         self.weight(tag + ".zp", zp)],
                         domain="com.microsoft", K=k, N=n, bits=4, block_size=spec.group_size,
-                        accuracy_level=ACCURACY_LEVEL)
+                        accuracy_level=self.accuracy_level)
         else:
             y = self.op("MatMul", [x, self.weight(tag + ".wT", _f32(spec.weight).T)])
         if spec.bias is not None:
@@ -118,9 +119,10 @@ def _f32(x) -> np.ndarray:
     return as_numpy(x).astype(np.float32, copy=False)
 
 
-def build_graph(a: LlamaArgs, specs: ModelSpec) -> tuple[bytes, dict[str, np.ndarray]]:
-    """The decoder-step ONNX model, serialized (weights as external placeholders), and its weight arrays."""
-    g = _Graph()
+def build_graph(a: LlamaArgs, specs: ModelSpec, accuracy_level: int = ACCURACY_LEVEL) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The decoder-step ONNX model, serialized (weights as external placeholders), and its weight
+    arrays; ``accuracy_level``: MatMulNBits' compute type (4: int8 activations, 1: fp32)."""
+    g = _Graph(accuracy_level)
     f, i32 = pb.FLOAT, pb.INT32
     inputs = [pb.value_info("inputs_embeds", f, ["batch", "seq", a.hidden_size]),
               pb.value_info("seqlens_k", i32, ["batch"]),
@@ -166,7 +168,8 @@ class OrtLlama(StaticKVCache):
     prefix, start > 0 and T > 1, only at batch 1: GroupQueryAttention's limit)."""
     engine = "ort"
 
-    def __init__(self, a: LlamaArgs, specs: ModelSpec, threads: int | None = None):
+    def __init__(self, a: LlamaArgs, specs: ModelSpec, threads: int | None = None,
+                 accuracy_level: int = ACCURACY_LEVEL):
         import onnxruntime as ort
 
         why = ort_cannot_run(a, specs)
@@ -175,7 +178,8 @@ class OrtLlama(StaticKVCache):
         self.a = a
         self.embed = NumpyEmbedding(specs.embed)
         self._weight_bytes = specs.weight_bytes_per_token(a)
-        model, arrays = build_graph(a, specs)
+        model, arrays = build_graph(a, specs, accuracy_level)
+        self.kernel = {4: "ort-int8", 1: "ort-fp32"}.get(accuracy_level, f"ort-acc{accuracy_level}")
         opts = ort_session_options(ort, threads, log_severity=4)   # failures: one BundleError line below
         names = list(arrays)
         opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(arrays[n]) for n in names])

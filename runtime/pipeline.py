@@ -18,6 +18,7 @@ import numpy as np
 from .embed_cache import EmbedCache
 from .errors import InputError
 from .manifest import MANIFEST, Manifest, sha256_file
+from .paths import cache_home
 from .preprocess import PromptEncoder, load_image, pixel_values
 from .stages import OnnxStage, session_providers
 from .quiet import quiet_libraries
@@ -37,10 +38,6 @@ def make_stage(manifest: Manifest, name: str, providers=None, threads: int | Non
         cache = cache_home() / "ort-trt-cache" / sha256_file(manifest.root / MANIFEST)[:16]
         providers = session_providers(providers, art.get("precision", "fp32"), cache)
     return OnnxStage(manifest, name, providers, threads)
-
-
-def cache_home() -> Path:
-    return Path(os.environ.get("IB_EDGE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "ib-edge"))
 
 
 def default_bundle_dir() -> Path:

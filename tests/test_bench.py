@@ -142,6 +142,16 @@ def test_json_has_every_field(bench_run):
         assert nf4["quantization"] == "nf4" and nf4["device"] == "cpu"
         assert len(nf4["predictions"]) == len(base["predictions"])
         assert nf4["agreement"]["measured"] and 0.0 <= nf4["agreement"]["answers_equal"] <= 1.0
+    # transformers in bf16 where the CPU has native bf16 (avx512_bf16 / amx_bf16), else a reason
+    from ib_edge.runtime.cpuinfo import bf16_flag
+
+    bf16 = result["baselines"]["transformers_bf16_eager"]
+    if bf16_flag() is None:
+        assert not bf16["available"] and "no native bf16" in bf16["reason"]
+    else:
+        assert bf16["available"], bf16
+        _check_latency(bf16)
+        assert "bf16" in bf16["quantization"] and len(bf16["predictions"]) == len(base["predictions"])
 
 
 @pytest.mark.parametrize("which", ["fp32", "int8"])

@@ -280,15 +280,24 @@ def test_beam_search_matches_transformers(which, engine, request, tmp_path):
 
 def test_decode_bench_smoke():
     """The decode benchmark (python -m ib_edge.bench.decode) runs end to end on a tiny
-    shape, with the bitsandbytes NF4 comparison when bitsandbytes is installed."""
+    shape, every kernel the runtime may choose, with the bitsandbytes NF4 comparison when
+    bitsandbytes is installed and llama.cpp when llama_cpp/gguf are (else a reason)."""
     import importlib.util
 
     res = decode_bench.bench("smoke", group_size=64, prompt_len=8, new_tokens=24, hf_tokens=12)
     assert res["int4_decode_tok_s"] > 0 and res["transformers_fp32_decode_tok_s"] > 0
     assert res["int4_weight_MB_per_token"] > 0 and res["read_bandwidth_GB_s"] > 0
-    assert res["engine"] == "ort" and res["torch_engine"]["decode_tok_s"] > 0
+    ks = res["kernels"]
+    assert set(ks) == {"ort-int8", "ort-fp32", "torch"} and all(k["decode_tok_s"] > 0 for k in ks.values())
+    assert res["headline_kernel"] == max(ks, key=lambda k: ks[k]["decode_tok_s"])
+    assert all(k["pct_of_bandwidth_bound"] <= 100 for k in ks.values())
+    cpp = res["llama_cpp"]
+    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None:
+        assert cpp["measured"] is False and "not importable" in cpp["reason"]
+    else:
+        assert cpp["Q4_0"]["measured"] and cpp["Q4_0"]["decode_tok_s"] > 0, cpp
     # the linears alone cannot take longer than a whole decode step that runs them all
-    tor = res["torch_engine"]
+    tor = ks["torch"]
     assert 0 < tor["linears_alone_ms_per_token"] < 1.5 * tor["decode_ms_per_token"]
     nf4 = res["transformers_bnb_nf4"]
     assert nf4["measured"] == (importlib.util.find_spec("bitsandbytes") is not None), nf4

@@ -229,9 +229,10 @@ def test_old_recipes_reapply_without_dedicated_pairs():
 
 
 def test_int8_stages_faster_keeps_fp32_where_int8_is_slower(reference_dir, bundle_dir, tmp_path, monkeypatch):
-    """--int8-stages faster: a stage whose INT8 graph times slower than fp32 ships the fp32 graph
-    (byte-identical to the fp32 bundle's), recorded with both timings; the other stays INT8 and
-    the runtime runs the mixed bundle. Timing is stubbed so the decision is known in advance."""
+    """The default (--int8-stages auto = faster on ONNX Runtime): a stage whose INT8 graph times
+    slower than fp32 ships the fp32 graph (byte-identical to the fp32 bundle's), recorded with both
+    timings and the CPU; the other stays INT8 and the runtime runs the mixed bundle. Timing is
+    stubbed so the decision is known in advance."""
     import hashlib
 
     from ib_edge.export import quantize
@@ -243,13 +244,16 @@ def test_int8_stages_faster_keeps_fp32_where_int8_is_slower(reference_dir, bundl
         return ms[(path.stem, "fp32" if ".fp32" in path.parts else "int8")]
 
     monkeypatch.setattr(quantize, "time_graph", fake_time)
-    out = export_bundle(str(reference_dir("llama")), tmp_path / "faster", precision="int8", int8_stages="faster",
-                        quiet=True)
+    monkeypatch.delenv("IB_EDGE_INT8_STAGES", raising=False)   # conftest pins "all"
+    out = export_bundle(str(reference_dir("llama")), tmp_path / "faster", precision="int8", quiet=True)
     m = json.loads((out / "manifest.json").read_text())
     vis, qf = m["artifacts"]["vision"], m["artifacts"]["qformer"]
     assert vis["precision"] == "int8"
     assert (vis["speed_check"]["fp32_ms"], vis["speed_check"]["int8_ms"], vis["speed_check"]["shipped"]) == (9.0, 3.0, "int8")
     assert qf["precision"] == "fp32" and qf["speed_check"]["shipped"] == "fp32"
+    from ib_edge.runtime.cpuinfo import cpu_string
+
+    assert vis["speed_check"]["cpu"] == qf["speed_check"]["cpu"] == cpu_string()
     assert qf["drift"]["cosine_min"] == 1.0
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
     assert digest(out / "qformer.onnx") == digest(bundle_dir("llama") / "qformer.onnx")
@@ -258,6 +262,38 @@ def test_int8_stages_faster_keeps_fp32_where_int8_is_slower(reference_dir, bundl
 
     res = Pipeline.load(out).run(Image.new("RGB", (40, 40), (200, 30, 30)), "What is this?", max_new_tokens=3)
     assert 1 <= len(res.token_ids) <= 3
+
+
+def test_int8_stages_all_forces_int8_without_timing(reference_dir, tmp_path, monkeypatch):
+    from ib_edge.export import quantize
+    from ib_edge.export.bundle import export_bundle
+
+    def no_timing(*a, **k):
+        raise AssertionError("--int8-stages all must not time the stages")
+
+    monkeypatch.setattr(quantize, "time_graph", no_timing)
+    monkeypatch.delenv("IB_EDGE_INT8_STAGES", raising=False)
+    out = export_bundle(str(reference_dir("llama")), tmp_path / "all", precision="int8", int8_stages="all", quiet=True)
+    m = json.loads((out / "manifest.json").read_text())
+    for stage in ("vision", "qformer"):
+        assert m["artifacts"][stage]["precision"] == "int8" and "speed_check" not in m["artifacts"][stage]
+
+
+def test_int8_stage_choice_rule(monkeypatch):
+    """auto: faster for int8 on ONNX Runtime (where the export can time its target), all for
+    TensorRT; $IB_EDGE_INT8_STAGES overrides auto only; a bad value is one ExportError line."""
+    from ib_edge.export.options import ExportError, ExportOptions
+
+    monkeypatch.delenv("IB_EDGE_INT8_STAGES", raising=False)
+    assert ExportOptions(precision="int8").stage_choice() == "faster"
+    assert ExportOptions(precision="int8", backend="tensorrt").stage_choice() == "all"
+    assert ExportOptions(precision="int8", int8_stages="all").stage_choice() == "all"
+    monkeypatch.setenv("IB_EDGE_INT8_STAGES", "all")
+    assert ExportOptions(precision="int8").stage_choice() == "all"
+    assert ExportOptions(precision="int8", int8_stages="faster").stage_choice() == "faster"
+    monkeypatch.setenv("IB_EDGE_INT8_STAGES", "some")
+    with pytest.raises(ExportError, match="IB_EDGE_INT8_STAGES"):
+        ExportOptions(precision="int8").stage_choice()
 
 
 def test_int8_stages_needs_int8_on_onnxruntime(reference_dir, tmp_path):
