@@ -69,3 +69,22 @@ def test_beam_search_on_the_ort_engine(proof_bundle, examples):
     (fp32,), imported = ib_run("--bundle", str(proof_bundle("proof-llama")), image, question)
     assert fp32["llm_engine"] == "transformers" and fp32["precision"]["llm"] == "float32"
     assert "transformers" in imported
+
+
+def test_cached_kernel_choice_keeps_the_cold_path(proof_bundle, examples, tmp_path, monkeypatch):
+    """Without IB_EDGE_LLM_KERNEL the first load measures the kernels (and writes the cache under
+    IB_EDGE_HOME); the second load reads the cache: where an ort kernel won, it answers without
+    importing torch, where the torch kernel won it must import torch."""
+    monkeypatch.delenv("IB_EDGE_LLM_KERNEL", raising=False)
+    monkeypatch.setenv("IB_EDGE_HOME", str(tmp_path))
+    bundle = str(proof_bundle("proof-llama", "fp32", "rtn"))
+    image, question, answer = examples[0]
+    (first,), _ = ib_run("--bundle", bundle, image, question)
+    cache = json.loads((tmp_path / "llm-kernels.json").read_text())
+    (entry,) = cache["entries"].values()
+    (second,), imported = ib_run("--bundle", bundle, image, question)
+    assert second["answer"] == first["answer"] and proof_task.is_correct(second["answer"], answer)
+    if entry["kernel"].startswith("ort"):
+        assert imported == [], f"a cached {entry['kernel']} choice imported {imported}"
+    else:
+        assert "torch" in imported
