@@ -5,8 +5,8 @@
   (preprocess + vision + Q-Former + LLM prefill), LLM decode tokens/s with EOS suppressed, peak
   RSS from load through the runs, the LLM weight bytes one decode step reads and the percent of
   the read-bandwidth bound (``measure.memory_bandwidth`` in the same run);
-* transformers' LLM alone (``AutoModelFor*.from_pretrained`` of the checkpoint's LLM, copied out
-  once in its own dtype, file to file) in each ``--hf-dtype``: prefill and decode tokens/s of
+* transformers' LLM alone (``AutoModelFor*.from_pretrained`` of the checkpoint's
+  ``language_model.`` tensors) in each ``--hf-dtype``: prefill and decode tokens/s of
   greedy ``generate`` on random prompt embeddings of the same length, and its peak RSS.
 
     python -m ib_edge.bench.realsize BUNDLE --checkpoint CKPT [--hf-dtype bfloat16 ...] [--tokens N]
@@ -88,31 +88,19 @@ def bundle_run(bundle: Path, image: str, question: str, tokens: int, runs: int, 
     return out
 
 
-def llm_only_dir(checkpoint: Path, out: Path) -> Path:
-    """The checkpoint's LLM as its own transformers directory (its dtype, copied file to file)."""
-    from ib_edge.export.checkpoint import StoredLLM
-    from ib_edge.quant.streamed import stored_index
-
-    if (out / "config.json").is_file():
-        return out
-    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
-
-    with torch.device("meta"):
-        model = InstructBlipForConditionalGeneration(InstructBlipConfig.from_pretrained(checkpoint))
-    StoredLLM(model.language_model, stored_index(checkpoint)).save(out)
-    return out
-
-
-def hf_run(llm_dir: Path, dtype: str, prompt_len: int, tokens: int) -> dict:
+def hf_run(checkpoint: Path, dtype: str, prompt_len: int, tokens: int) -> dict:
+    """transformers' LLM alone, read straight from the InstructBLIP checkpoint (its
+    ``language_model.`` tensors; the rest is skipped) in ``dtype``."""
     import transformers
 
     from .decode import _hf_decode
 
-    cfg = transformers.AutoConfig.from_pretrained(llm_dir)
+    cfg = transformers.InstructBlipConfig.from_pretrained(checkpoint).text_config
     auto = transformers.AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else transformers.AutoModelForCausalLM
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        model = auto.from_pretrained(llm_dir, dtype=getattr(torch, dtype), use_safetensors=True).eval()
+        model = auto.from_pretrained(checkpoint, config=cfg, dtype=getattr(torch, dtype), use_safetensors=True,
+                                     key_mapping={r"^language_model\.": ""}).eval()
         load_s = time.perf_counter() - t0
         emb = (torch.randn(1, prompt_len, cfg.d_model if cfg.is_encoder_decoder else cfg.hidden_size) * 0.02
                ).to(getattr(torch, dtype))
@@ -130,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ib_edge.bench.realsize", description=__doc__.splitlines()[0])
     ap.add_argument("bundle", nargs="+", type=Path)
     ap.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint the bundles were exported from")
-    ap.add_argument("--llm-dir", type=Path, default=None, help="where to keep its LLM alone (default CKPT-llm)")
     ap.add_argument("--hf-dtype", action="append", default=None, choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--image", default=str(Path(__file__).resolve().parents[1] / "calib_data" / "photos" / "astronaut.jpg"))
     ap.add_argument("--question", default="Describe this image.")
@@ -149,10 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         res["systems"].append(bundle_run(b, a.image, a.question, a.tokens, a.runs, a.threads))
         log(json.dumps({k: v for k, v in res["systems"][-1].items() if k != "answer_token_ids"}))
     prompt_len = res["systems"][0]["prompt_tokens"]
-    llm_dir = llm_only_dir(a.checkpoint, a.llm_dir or a.checkpoint.with_name(a.checkpoint.name + "-llm"))
     for dt in a.hf_dtype or ["bfloat16"]:
         log(f"realsize: transformers {dt}")
-        res["systems"].append(hf_run(llm_dir, dt, prompt_len, a.hf_tokens))
+        res["systems"].append(hf_run(a.checkpoint, dt, prompt_len, a.hf_tokens))
         log(json.dumps(res["systems"][-1]))
     probes = memory_bandwidth(1024)
     bw, by = streaming_bound({k: v["gb_per_s"] for k, v in probes["probes"].items()},
