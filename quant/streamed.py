@@ -47,11 +47,12 @@ def read_tensors(files: dict[str, Path], keys, *, fp32: bool = False) -> dict[st
     by_file: dict[Path, list[str]] = {}
     for k in keys:
         by_file.setdefault(files[k], []).append(k)
+    stored = getattr(files, "key_prefix", "")   # names inside a bigger checkpoint (``load_streamed``)
     out = {}
     for f, ks in by_file.items():
         with safe_open(str(f), framework="pt") as fh:
             for k in ks:
-                t = fh.get_tensor(k)
+                t = fh.get_tensor(stored + k)
                 out[k] = t.float() if fp32 and t.is_floating_point() else t
     return out
 
@@ -89,21 +90,24 @@ class _LayerStream:
             _set_param(self.layer, n, p)
 
 
-def load_streamed(src_dir: str | Path) -> nn.Module:
+def load_streamed(src_dir: str | Path, *, config=None, key_prefix: str = "") -> nn.Module:
     """The decoder-only transformers LLM saved in ``src_dir`` (any dtype), computing in fp32 with
-    its decoder layers streamed from disk. ``model.ib_edge_streamed`` is True."""
+    its decoder layers streamed from disk. ``model.ib_edge_streamed`` is True. ``config`` and
+    ``key_prefix``: the LLM inside a bigger checkpoint (InstructBLIP's ``text_config`` and
+    ``"language_model."``), read in place."""
     import transformers
 
     src = Path(src_dir)
-    cfg = transformers.AutoConfig.from_pretrained(str(src), trust_remote_code=False)
+    cfg = config or transformers.AutoConfig.from_pretrained(str(src), trust_remote_code=False)
     if cfg.is_encoder_decoder:
         raise StreamError("layer streaming is for decoder-only LLMs")
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.eval()
-    if (src / "generation_config.json").is_file():  # as from_pretrained does
+    if config is None and (src / "generation_config.json").is_file():  # as from_pretrained does
         model.generation_config = transformers.GenerationConfig.from_pretrained(str(src))
-    files = stored_index(src)
+    files = {k.removeprefix(key_prefix): f for k, f in stored_index(src).items() if k.startswith(key_prefix)}
+    files = _Renamed(files, key_prefix)
     layers = model.get_decoder().layers
     prefix = next(n for n, m in model.named_modules() if m is layers) + "."
     for i, layer in enumerate(layers):
@@ -124,3 +128,11 @@ def load_streamed(src_dir: str | Path) -> nn.Module:
     rebuild_meta_buffers(model)  # rotary tables etc.: computed at construction, never stored
     model.ib_edge_streamed = True
     return model
+
+
+class _Renamed(dict):
+    """{model name: file} whose ``stored(name)`` is the name in the file (``key_prefix`` + name)."""
+
+    def __init__(self, files: dict[str, Path], key_prefix: str):
+        super().__init__(files)
+        self.key_prefix = key_prefix

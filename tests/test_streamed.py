@@ -151,3 +151,17 @@ def test_weight_only_loader_on_meta_equals_swapped_fp32_model(reference_dir, tmp
     kw = {"input_ids": x, "decoder_input_ids": x[:, :4]} if m.config.is_encoder_decoder else {"input_ids": x}
     with torch.no_grad():
         assert torch.equal(m(**kw).logits, q(**kw).logits)
+
+
+def test_streamed_reads_the_llm_inside_an_instructblip_checkpoint(reference_dir, sharded_llama):
+    from transformers import InstructBlipConfig
+
+    from ib_edge.quant import streamed, weight_only
+
+    src = reference_dir("llama")
+    s = streamed.load_streamed(src, config=InstructBlipConfig.from_pretrained(src).text_config,
+                               key_prefix="language_model.")
+    whole = weight_only.load_fp32(sharded_llama)
+    x = torch.randn(1, 6, whole.config.hidden_size)
+    with torch.no_grad():
+        assert torch.allclose(whole(inputs_embeds=x).logits, s(inputs_embeds=x).logits, atol=1e-5, rtol=1e-5)
