@@ -22,8 +22,7 @@ nothing is allocated):
     int4 runtime's static cache and in the weight-only runtime, the checkpoint dtype in
     transformers, fp16 on a GPU). ``--context`` counts every position the LLM holds: for T5
     the prompt (cross-attention cache) plus the generated tokens (self-attention cache);
-  * runtime overhead (see ``OVERHEAD``);
-  * CPU weight-only LLM (int8/mixed): the loader's moment at fp32 (``stage_bytes``), added to the peak.
+  * runtime overhead (see ``OVERHEAD``).
 
 Decode bound: bandwidth / bytes read per generated token (every linear incl. lm_head with its
 scales, norms, one embedding row, the whole KV cache at the context). The realistic rate applies
@@ -342,24 +341,18 @@ def stage_bytes(src: Source, dev: Device) -> dict:
                              "cpu-fastllm": "measured: imports of ib-run with the int4 LLM runtime",
                              "cpu-transformers": "measured: imports of ib-run with transformers"}[overhead_key],
     }
-    # Loading the weight-only LLM on the CPU runtime builds the model in fp32 first (runtime/lowbit.py
-    # load_weight_only: from_config(dtype=float32), then the linears are swapped for int8/int4): for a
-    # moment the LLM is held at 4 B per parameter. Found by measuring ib-run's peak (T5-XL, 2 layers).
-    transient = 0
-    if rt == "cpu" and o.llm_quant in ("int8", "mixed"):
-        transient = max(0, c.llm_params * 4 - parts["llm weights"])
-    return {"bytes": parts, "notes": notes, "context": ctx, "per_token": w["per_token"] + kv_bytes(c, ctx, kvb),
-            "load_transient": transient}
+    # (The weight-only loader builds on the meta device, runtime/lowbit.py: no fp32 moment.)
+    return {"bytes": parts, "notes": notes, "context": ctx, "per_token": w["per_token"] + kv_bytes(c, ctx, kvb)}
 
 
 def plan_device(src: Source, dev: Device) -> dict:
     s = stage_bytes(src, dev)
     total = sum(s["bytes"].values())
-    peak = total + s["load_transient"]
+    peak = total
     usable = dev.usable_bytes
     largest = max(s["bytes"], key=s["bytes"].get)
     out = {"device": dataclasses.asdict(dev), "usable_bytes": usable, "total_bytes": total,
-           "peak_bytes": peak, "load_transient_bytes": s["load_transient"],
+           "peak_bytes": peak,
            "fits": peak <= usable, "headroom_bytes": usable - peak, "largest": largest,
            "stages": s["bytes"], "notes": s["notes"], "context": s["context"],
            "decode_bytes_per_token": s["per_token"]}
@@ -550,9 +543,6 @@ def render(plan: dict) -> str:
               f"{first['context']}):", "", "| stage | GiB | how |", "|---|---|---|"]
     for k, v in first["stages"].items():
         lines.append(f"| {k} | {_gib(v)} | {first['notes'][k]} |")
-    if first["load_transient_bytes"]:
-        lines.append(f"| (while loading the LLM) | +{_gib(first['load_transient_bytes'])} | the weight-only loader "
-                     f"builds the LLM in fp32 first: peak {_gib(first['peak_bytes'])} GiB |")
     refs = plan["assumptions"]["reference_runs"]
     lines += ["", "Usable = memory x (1 - carveout) - OS; Jetson: 5% carveout (tegrastats shows 7772 of 8192 MB "
               "visible), 1.0 GiB headless OS (assumed). Realistic = bound x the fraction of its bound a published "

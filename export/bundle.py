@@ -61,7 +61,7 @@ def export_bundle(model_ref: str | None, out: Path, **options) -> Path:
     t_start = time.perf_counter()
     try:
         step("load")
-        model, processor, source = load_checkpoint(model_ref, o.revision, video=o.video)
+        model, processor, source, llm = load_checkpoint(model_ref, o.revision, video=o.video)
         video = source.pop("video")
         if llm_quant and llm_quant not in WEIGHT_ONLY and source["llm_family"] != "llama":
             raise ExportError(f"the 4-bit LLM path runs Llama-family LLMs (Vicuna); this one is "
@@ -88,7 +88,7 @@ def export_bundle(model_ref: str | None, out: Path, **options) -> Path:
             graph_specs[stage], fp32_paths[stage] = spec, path
             artifacts[stage] = {"validation": {"reference": "pytorch-fp32", **parity.to_json()}}
         step("save")
-        model.language_model.save_pretrained(tmp / "llm", safe_serialization=True)
+        llm.save(tmp / "llm")     # in its own dtype; from a local checkpoint file to file, never loaded
         processor.save_pretrained(tmp / "processor")
         artifacts["llm"] = {"dir": "llm", "files": hashed_files(tmp, tmp / "llm"), "format": "safetensors",
                             "precision": source["llm_dtype"], "dtype": source["llm_dtype"],

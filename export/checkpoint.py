@@ -2,10 +2,12 @@
 
 A reference is one of: a shipped proof model's name (``proof-llama``, ``proof-t5``), a local
 directory holding ``save_pretrained`` output, or a Hugging Face hub id (always has a ``/``).
-Real checkpoints and the project's own go through the same ``from_pretrained`` path.
+Real checkpoints and the project's own go through the same path: ``from_pretrained`` for hub
+ids, the stored tensors read directly (the LLM never loaded) for local directories.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
@@ -163,23 +165,39 @@ def video_record(model, processor, kind: str) -> dict:
     return {"kind": kind, "frames": VIDEO_FRAMES, "video_token_id": int(vid)}
 
 
+LLM_PREFIX = "language_model."
+
+
 def load_checkpoint(ref: str | None, revision: str | None = None, video: bool = False):
-    """-> (model, processor, source record). Vision, Q-Former and projection are cast to fp32
-    for export; the LLM keeps the checkpoint's own dtype (a 7B LLM in fp32 would not fit).
-    An InstructBlipVideo checkpoint loads as one; ``video`` loads an image InstructBLIP
+    """-> (model, processor, source record, llm). Vision, Q-Former and projection are in fp32 for
+    export. ``llm`` (``StoredLLM``) writes the LLM directory of the bundle in the checkpoint's own
+    dtype. An InstructBlipVideo checkpoint loads as one; ``video`` loads an image InstructBLIP
     checkpoint as ``InstructBlipVideoForConditionalGeneration`` (transformers' docs do so).
-    ``source["video"]``: the manifest's video fields, or None for an image model."""
+    ``source["video"]``: the manifest's video fields, or None for an image model.
+
+    A local safetensors image checkpoint whose tensor names are the model's (what
+    ``save_pretrained`` writes; the real-size builder too) never loads its LLM:
+    ``model.language_model`` stays on the meta device and ``llm.save`` copies its tensors file to
+    file, one shard at a time (a 7B LLM would otherwise sit in RAM, 13.5 GB in fp16, through the
+    whole graph export). Hub ids, video models and other layouts load through ``from_pretrained``."""
     import torch
     from transformers import (InstructBlipForConditionalGeneration, InstructBlipProcessor,
                               InstructBlipVideoForConditionalGeneration)
+
+    from ib_edge.quant.streamed import stored_index
 
     src, kind = resolve(ref)
     try:
         model_type = _model_type(src, revision)
         is_video = video or model_type == "instructblipvideo"
-        cls = InstructBlipVideoForConditionalGeneration if is_video else InstructBlipForConditionalGeneration
-        model = cls.from_pretrained(
-            src, revision=revision, use_safetensors=True, dtype="auto", trust_remote_code=False)
+        stored = ((stored_index(Path(src)) or None) if kind != "hub" and revision is None and not is_video
+                  else None)
+        model = _load_without_llm(src, stored) if stored else None
+        if model is None:
+            stored = None
+            cls = InstructBlipVideoForConditionalGeneration if is_video else InstructBlipForConditionalGeneration
+            model = cls.from_pretrained(
+                src, revision=revision, use_safetensors=True, dtype="auto", trust_remote_code=False)
         if model_type == "instructblipvideo":
             processor = VideoProcessorParts.read(src, revision, model.config.num_query_tokens)
         else:
@@ -200,6 +218,7 @@ def load_checkpoint(ref: str | None, revision: str | None = None, video: bool = 
         raise ModelLoadError(
             f"processor num_query_tokens={getattr(processor, 'num_query_tokens', None)} but model has "
             f"{model.config.num_query_tokens}: this checkpoint predates the <image>-token processor")
+    llm = StoredLLM(model.language_model, stored)
     config_json = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
     source = {
         "model": src if kind == "local" else (ref or DEFAULT_MODEL),  # local: absolute, resolvable later
@@ -207,8 +226,126 @@ def load_checkpoint(ref: str | None, revision: str | None = None, video: bool = 
         "revision": revision or getattr(model.config, "_commit_hash", None) or ("main" if kind == "hub" else "local"),
         "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
         "llm_family": model.config.text_config.model_type,
-        "llm_dtype": str(next(model.language_model.parameters()).dtype).replace("torch.", ""),
+        "llm_dtype": str(llm.dtype).replace("torch.", ""),
         "model_type": model_type,
         "video": video_record(model, processor, "video") if is_video else None,
     }
-    return model, processor, source
+    return model, processor, source, llm
+
+
+def _load_without_llm(src: str, stored: dict[str, Path]):
+    """The model with vision, Q-Former, projection and query tokens loaded in fp32 and the LLM
+    on the meta device; None when the stored names are not this model's (then from_pretrained,
+    which knows older layouts, loads it)."""
+    import torch
+    from transformers import (InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipQFormerModel,
+                              InstructBlipVisionModel)
+    from transformers.initialization import no_init_weights
+
+    from ib_edge.quant.streamed import read_tensors
+
+    config = InstructBlipConfig.from_pretrained(src, trust_remote_code=False)
+    with torch.device("meta"):
+        model = InstructBlipForConditionalGeneration(config)
+    own_llm = set(model.language_model.state_dict())
+    llm_keys = [k for k in stored if k.startswith(LLM_PREFIX)]
+    if not llm_keys or any(k.removeprefix(LLM_PREFIX) not in own_llm for k in llm_keys):
+        return None
+    with no_init_weights():  # every weight is read from the checkpoint below; the buffers are built here
+        model.vision_model = InstructBlipVisionModel._from_config(config.vision_config, dtype=torch.float32)
+        model.qformer = InstructBlipQFormerModel._from_config(config.qformer_config, dtype=torch.float32)
+        model.language_projection = torch.nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
+    model.query_tokens = torch.nn.Parameter(torch.empty(model.query_tokens.shape, dtype=torch.float32))
+    want = [k for k in model.state_dict() if not k.startswith(LLM_PREFIX)]
+    if any(k not in stored for k in want):
+        return None
+    own = model.state_dict()
+    with torch.no_grad():
+        for k, t in read_tensors(stored, want).items():
+            if tuple(t.shape) != tuple(own[k].shape):
+                raise ModelLoadError(f"{k}: stored {list(t.shape)}, the config makes {list(own[k].shape)}")
+            own[k].copy_(t)
+    return model
+
+
+class StoredLLM:
+    """The checkpoint's LLM as the bundle keeps it (its own dtype, transformers layout):
+    ``save(out)`` writes config.json, generation_config.json and the weights. From a stored
+    checkpoint (``files``: {name: file}) the tensors go file to file, at most one shard
+    (``shard_bytes``) in memory; otherwise ``module`` is a loaded model and saves itself."""
+
+    def __init__(self, module, files: dict[str, Path] | None = None):
+        self.module, self.files = module, files
+        if files is None:
+            self.dtype = next(module.parameters()).dtype
+        else:
+            self.keys = [k for k in files if k.startswith(LLM_PREFIX)]
+            self.dtype = _stored_dtype(files, self.keys)
+
+    def save(self, out: Path, shard_bytes: int = 2 * 1024 ** 3) -> None:
+        if self.files is None:
+            self.module.save_pretrained(out, safe_serialization=True)
+            return
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        from ib_edge.quant.streamed import read_tensors
+
+        out.mkdir(parents=True, exist_ok=True)
+        config = copy.deepcopy(self.module.config)
+        config.architectures = [type(self.module).__name__]
+        config.dtype = self.dtype
+        config.save_pretrained(out)
+        if self.module.can_generate():
+            self.module.generation_config.save_pretrained(out)
+        sizes = {}
+        for f in dict.fromkeys(self.files[k] for k in self.keys):
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    if k in self.keys:
+                        sl = fh.get_slice(k)
+                        n = 1
+                        for d in sl.get_shape():
+                            n *= d
+                        sizes[k] = n * _itemsize(sl.get_dtype())
+        shards, cur, cur_bytes = [], [], 0
+        for k in self.keys:
+            if cur and cur_bytes + sizes[k] > shard_bytes:
+                shards.append(cur)
+                cur, cur_bytes = [], 0
+            cur.append(k)
+            cur_bytes += sizes[k]
+        shards.append(cur)
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        weight_map = {}
+        for name, keys in zip(names, shards):
+            tensors = {k.removeprefix(LLM_PREFIX): t.contiguous() for k, t in read_tensors(self.files, keys).items()}
+            save_file(tensors, str(out / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in tensors})
+            del tensors
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _itemsize(st_dtype: str) -> int:
+    return _ST_ITEMSIZE.get(st_dtype, 4)
+
+
+def _stored_dtype(files: dict[str, Path], keys: list[str]):
+    """The dtype of the LLM's first stored floating tensor (its "own" dtype; T5's fp32 ``wo``
+    aside, every float tensor of a checkpoint shares it)."""
+    import torch
+    from safetensors import safe_open
+
+    names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    for k in keys:
+        with safe_open(str(files[k]), framework="pt") as fh:
+            d = fh.get_slice(k).get_dtype()
+        if d in names:
+            return names[d]
+    return torch.float32

@@ -147,17 +147,26 @@ def save_int4(tensors: dict[str, torch.Tensor], config: dict, out_dir: str | Pat
 
 
 def quantize_model_dir(src: str | Path, out_dir: str | Path, group_size: int = DEFAULT_GROUP_SIZE, include_lm_head: bool = True) -> dict:
-    """A transformers Llama directory (config.json + safetensors) -> int4 RTN checkpoint."""
-    from safetensors.torch import load_file
+    """A transformers Llama directory (config.json + safetensors, any float dtype) -> int4 RTN
+    checkpoint, read one tensor at a time: peak memory is the int4 output plus one fp32 tensor
+    (at 7B ~4 GB, where the whole fp16 state dict would be 13.5 GB and its fp32 copies 27 GB).
+    The same tensors as ``quantize_state_dict`` of the loaded state dict."""
+    from .streamed import read_fp32, stored_index
 
     src = Path(src)
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted(src.glob("*.safetensors")):
-        state.update(load_file(str(f)))
+    files = stored_index(src)
+    names = list(files)
+    if include_lm_head and "lm_head.weight" not in files:
+        names.append("lm_head.weight")  # tied: its own int4 copy of the embedding
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        key = name if name in files else "model.embed_tokens.weight"
+        t = read_fp32(files, [key])[key]
+        out.update(quantize_rtn(t, group_size).tensors(name.removesuffix(".weight"))
+                   if _is_quantized(name, include_lm_head) else {name: t.contiguous()})
+        del t
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    rec = save_int4(quantize_state_dict(state, group_size, include_lm_head), config, out_dir,
-                    group_size=group_size, method="rtn")
-    return rec
+    return save_int4(out, config, out_dir, group_size=group_size, method="rtn")
 
 
 def convert_quantized_checkpoint(src: str | Path, out_dir: str | Path) -> dict:

@@ -58,6 +58,8 @@ class LogitsProbe:
     def _greedy(self, model, embeds, max_new_tokens: int, batch: int) -> list[torch.Tensor]:
         """fp32 greedy answers; encoder-decoders in right-padded batches (the encoder masks the
         padding), decoder-only one prompt at a time (no left-padding subtleties)."""
+        if not self.encoder_decoder and getattr(model, "ib_edge_streamed", False):
+            return self._greedy_left_padded(model, embeds, max_new_tokens, batch)
         if not self.encoder_decoder:
             return [model.generate(inputs_embeds=e[None], attention_mask=torch.ones(1, e.shape[0], dtype=torch.long),
                                    max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)[0] for e in embeds]
@@ -74,6 +76,28 @@ class LogitsProbe:
                                  do_sample=False, num_beams=1)
             for row in gen:
                 stop = next((k + 1 for k in range(1, len(row)) if int(row[k]) in eos), len(row))
+                out.append(row[:stop])
+        return out
+
+    @staticmethod
+    def _greedy_left_padded(model, embeds, max_new_tokens: int, batch: int) -> list[torch.Tensor]:
+        """Decoder-only greedy answers in left-padded batches, for a layer-streamed model
+        (``quant.streamed``: every forward re-reads the weights, so one prompt at a time would
+        read them prompts x tokens times). Positions come from the mask, so each row sees what
+        it would alone; a row's answer ends at its first EOS, as ``generate`` ends it alone."""
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        out = []
+        for i in range(0, len(embeds), batch):
+            chunk = embeds[i:i + batch]
+            t = max(e.shape[0] for e in chunk)
+            emb, attn = torch.zeros(len(chunk), t, chunk[0].shape[-1]), torch.zeros(len(chunk), t, dtype=torch.long)
+            for j, e in enumerate(chunk):
+                emb[j, t - e.shape[0]:], attn[j, t - e.shape[0]:] = e, 1
+            gen = model.generate(inputs_embeds=emb, attention_mask=attn, max_new_tokens=max_new_tokens,
+                                 do_sample=False, num_beams=1)
+            for row in gen:
+                stop = next((k + 1 for k in range(len(row)) if int(row[k]) in eos), len(row))
                 out.append(row[:stop])
         return out
 

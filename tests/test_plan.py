@@ -87,9 +87,9 @@ def test_flan_t5_xl_kv_uses_decoder_layers_and_all_heads():
     decoder = 24 * (8 * d * d + 3 * d * ff)
     assert c.llm_decode_linear == decoder
     assert c.llm_linear == decoder + 24 * (4 * d * d + 3 * d * ff)
-    # the CPU weight-only loader holds the LLM at fp32 for a moment (measured at 2 layers: +0.3% peak error)
+    # the CPU weight-only loader builds on the meta device: no fp32 moment to add (tests/test_streamed.py)
     host = plan.plan_device(src, plan.host_device())
-    assert host["peak_bytes"] - host["total_bytes"] == c.llm_params * 4 - host["stages"]["llm weights"]
+    assert host["peak_bytes"] == host["total_bytes"]
     jetson = plan.plan_device(src, plan.DEVICES["orin-nx-16"])
     assert jetson["peak_bytes"] == jetson["total_bytes"]
 

@@ -1,0 +1,159 @@
+"""Real-size bundles (Vicuna-7B, Flan-T5-XL, built by ``export.real_sizes`` and exported with
+``ib-export``) against transformers on the same weights, one process, one system at a time:
+
+* the bundle through ``Pipeline`` (the product path, what ``ib-run`` runs): time to first token
+  (preprocess + vision + Q-Former + LLM prefill), LLM decode tokens/s with EOS suppressed, peak
+  RSS from load through the runs, the LLM weight bytes one decode step reads and the percent of
+  the read-bandwidth bound (``measure.memory_bandwidth`` in the same run);
+* transformers' LLM alone (``AutoModelFor*.from_pretrained`` of the checkpoint's
+  ``language_model.`` tensors) in each ``--hf-dtype``: prefill and decode tokens/s of
+  greedy ``generate`` on random prompt embeddings of the same length, and its peak RSS.
+
+    python -m ib_edge.bench.realsize BUNDLE --checkpoint CKPT [--hf-dtype bfloat16 ...] [--tokens N]
+
+Bytes per decode token: int4 Llama, the engine's own count (packed linears + scales + zero
+points, norms, one embedding row); weight-only T5, every decoder linear and lm_head as stored
+except the cross-attention k/v projections (computed once per answer from the encoder output and
+cached by transformers); transformers, every LLM parameter except the embeddings and, for T5,
+the encoder and the cross-attention k/v.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .measure import PeakMemory, memory_bandwidth, streaming_bound
+
+
+def _trim() -> None:
+    from ib_edge.export.bundle import _trim_heap
+
+    gc.collect()
+    _trim_heap()
+
+
+def t5_decode_bytes(model: nn.Module) -> int:
+    """Weight bytes one T5 decoder step reads (see the module docstring)."""
+    total = 0
+    for name, mod in model.named_modules():
+        if not (name.startswith("decoder.") or name == "lm_head"):
+            continue
+        if name.endswith(("EncDecAttention.k", "EncDecAttention.v")):
+            continue
+        if len(list(mod.children())) == 0 and not isinstance(mod, nn.Embedding):
+            total += sum(t.numel() * t.element_size() for t in [*mod.parameters(recurse=False),
+                                                                   *mod.buffers(recurse=False)])
+    return total
+
+
+def hf_decode_bytes(model: nn.Module) -> int:
+    if model.config.is_encoder_decoder:
+        return t5_decode_bytes(model)
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+
+
+def bundle_run(bundle: Path, image: str, question: str, tokens: int, runs: int, threads: int | None) -> dict:
+    from .systems import BundleSystem
+
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        sys_ = BundleSystem(bundle, threads=threads)
+        load_s = time.perf_counter() - t0
+        sys_.run(image, question, max_new_tokens=4, fixed_length=True)   # warm-up
+        answers = [sys_.run(image, question, max_new_tokens=tokens, fixed_length=True) for _ in range(runs)]
+    best = min(answers, key=lambda a: a.timings_ms["total"])
+    t = best.timings_ms
+    n = int(t["new_tokens"])
+    model = sys_.llm_model
+    per_token = (model.weight_bytes_per_token() if hasattr(model, "weight_bytes_per_token")
+                 else t5_decode_bytes(model))
+    decode_tps = (n - 1) / (t["llm_decode"] / 1e3) if n > 1 and t["llm_decode"] > 0 else float("nan")
+    prompt_tokens = int(sys_.pipe.prompts.encode(question)["input_ids"].shape[1])
+    out = {"system": f"ib-edge bundle ({sys_.manifest.data['artifacts']['llm']['precision']} LLM)",
+           "bundle": str(bundle), "load_s": round(load_s, 1), "prompt_tokens": prompt_tokens, "new_tokens": n,
+           "ttft_ms": round(t["preprocess"] + t["vision"] + t["qformer"] + t["llm_prefill"], 1),
+           "stages_ms": {k: round(v, 1) for k, v in t.items()},
+           "decode_tok_s": round(decode_tps, 3), "weight_MB_per_token": round(per_token / 1e6, 1),
+           "achieved_GB_s": round(per_token * decode_tps / 1e9, 2), **mem.record(),
+           "answer_token_ids": best.token_ids}
+    del sys_, model, answers, best
+    _trim()
+    return out
+
+
+def hf_run(checkpoint: Path, dtype: str, prompt_len: int, tokens: int) -> dict:
+    """transformers' LLM alone, read straight from the InstructBLIP checkpoint (its
+    ``language_model.`` tensors; the rest is skipped) in ``dtype``."""
+    import transformers
+
+    from .decode import _hf_decode
+
+    cfg = transformers.InstructBlipConfig.from_pretrained(checkpoint).text_config
+    auto = transformers.AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else transformers.AutoModelForCausalLM
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        model = auto.from_pretrained(checkpoint, config=cfg, dtype=getattr(torch, dtype), use_safetensors=True,
+                                     key_mapping={r"^language_model\.": ""}).eval()
+        load_s = time.perf_counter() - t0
+        emb = (torch.randn(1, prompt_len, cfg.d_model if cfg.is_encoder_decoder else cfg.hidden_size) * 0.02
+               ).to(getattr(torch, dtype))
+        prefill, tps = _hf_decode(model, emb, tokens)
+    per_token = hf_decode_bytes(model)
+    out = {"system": f"transformers {dtype} (LLM alone)", "load_s": round(load_s, 1), "prefill_ms": round(prefill * 1e3, 1),
+           "decode_tok_s": round(tps, 3), "weight_MB_per_token": round(per_token / 1e6, 1),
+           "achieved_GB_s": round(per_token * tps / 1e9, 2), **mem.record()}
+    del model
+    _trim()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ib_edge.bench.realsize", description=__doc__.splitlines()[0])
+    ap.add_argument("bundle", nargs="+", type=Path)
+    ap.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint the bundles were exported from")
+    ap.add_argument("--hf-dtype", action="append", default=None, choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--image", default=str(Path(__file__).resolve().parents[1] / "calib_data" / "photos" / "astronaut.jpg"))
+    ap.add_argument("--question", default="Describe this image.")
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--hf-tokens", type=int, default=4)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    res = {"systems": [], "threads": torch.get_num_threads()}
+    for b in a.bundle:
+        log(f"realsize: bundle {b}")
+        res["systems"].append(bundle_run(b, a.image, a.question, a.tokens, a.runs, a.threads))
+        log(json.dumps({k: v for k, v in res["systems"][-1].items() if k != "answer_token_ids"}))
+    prompt_len = res["systems"][0]["prompt_tokens"]
+    for dt in a.hf_dtype or ["bfloat16"]:
+        log(f"realsize: transformers {dt}")
+        res["systems"].append(hf_run(a.checkpoint, dt, prompt_len, a.hf_tokens))
+        log(json.dumps(res["systems"][-1]))
+    probes = memory_bandwidth(1024)
+    bw, by = streaming_bound({k: v["gb_per_s"] for k, v in probes["probes"].items()},
+                             {s["system"]: s["achieved_GB_s"] for s in res["systems"]})
+    res["read_bandwidth_GB_s"], res["bound_set_by"] = round(bw, 2), by
+    res["read_probes_GB_s"] = {k: v["gb_per_s"] for k, v in probes["probes"].items()}
+    for s in res["systems"]:
+        s["pct_of_bandwidth_bound"] = round(100 * s["achieved_GB_s"] / bw, 1) if s["achieved_GB_s"] == s["achieved_GB_s"] else None
+        s["bound_tok_s"] = round(bw * 1e9 / (s["weight_MB_per_token"] * 1e6), 2)
+    text = json.dumps(res, indent=1)
+    if a.json:
+        a.json.write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
