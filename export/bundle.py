@@ -61,7 +61,8 @@ def export_bundle(model_ref: str | None, out: Path, **options) -> Path:
     t_start = time.perf_counter()
     try:
         step("load")
-        model, processor, source = load_checkpoint(model_ref, o.revision)
+        model, processor, source = load_checkpoint(model_ref, o.revision, video=o.video)
+        video = source.pop("video")
         if llm_quant and llm_quant not in WEIGHT_ONLY and source["llm_family"] != "llama":
             raise ExportError(f"the 4-bit LLM path runs Llama-family LLMs (Vicuna); this one is "
                               f"{source['llm_family']}",
@@ -93,7 +94,7 @@ def export_bundle(model_ref: str | None, out: Path, **options) -> Path:
                             "precision": source["llm_dtype"], "dtype": source["llm_dtype"],
                             "backend": "transformers", "family": source["llm_family"]}
         artifacts["processor"] = {"dir": "processor", "files": hashed_files(tmp, tmp / "processor")}
-        mrec = model_record(model.config, processor)
+        mrec = model_record(model.config, processor, video)
         prep = preprocess_record(processor.image_processor, model.config)
         tokenizers = {"llm": "processor/tokenizer.json", "qformer": "processor/qformer_tokenizer/tokenizer.json"}
         for rel in tokenizers.values():

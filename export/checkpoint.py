@@ -83,22 +83,113 @@ def _check_hub(repo_id: str, timeout_s: float = 3.0) -> None:
                              hint=hint) from None
 
 
-def load_checkpoint(ref: str | None, revision: str | None = None):
+VIDEO_FRAMES = 4  # InstructBlipVideoProcessor expands <video> x num_query_tokens x 4: "InstrucBLIP works with 4 frames only"
+
+
+def _model_type(src: str, revision: str | None) -> str:
+    from transformers import PretrainedConfig
+
+    cfg, _ = PretrainedConfig.get_config_dict(src, revision=revision, trust_remote_code=False)
+    return str(cfg.get("model_type", ""))
+
+
+class VideoProcessorParts:
+    """An InstructBlipVideo checkpoint's processor without ``InstructBlipVideoVideoProcessor``
+    (it imports torchvision, whose wheel does not import beside the CPU torch here): its two
+    tokenizers, and its video processor config as the BLIP image processor it equals per frame
+    (resize, rescale, normalise). Called on text only it returns what the processor returns on
+    text only; ``save_pretrained`` writes the layout the bundle's ``processor/`` has."""
+
+    def __init__(self, tokenizer, qformer_tokenizer, image_processor, num_query_tokens: int):
+        self.tokenizer, self.qformer_tokenizer = tokenizer, qformer_tokenizer
+        self.image_processor, self.num_query_tokens = image_processor, num_query_tokens
+
+    @classmethod
+    def from_pretrained(cls, src: str, revision: str | None = None, num_query_tokens: int | None = None):
+        from transformers import AutoTokenizer
+        from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+        from transformers.utils import cached_file
+
+        tok = AutoTokenizer.from_pretrained(src, revision=revision, trust_remote_code=False)
+        qtok = AutoTokenizer.from_pretrained(src, subfolder="qformer_tokenizer", revision=revision,
+                                             trust_remote_code=False)
+        cfg = None
+        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+            path = cached_file(src, name, revision=revision, _raise_exceptions_for_missing_entries=False)
+            if path:
+                cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+                break
+        if cfg is None:
+            raise ModelLoadError(f"{src} has neither video_preprocessor_config.json nor preprocessor_config.json")
+        keys = ("size", "resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
+                "image_std", "do_convert_rgb", "do_center_crop", "crop_size", "do_pad")
+        image_processor = BlipImageProcessorPil(**{k: cfg[k] for k in keys if cfg.get(k) is not None})
+        nq = num_query_tokens
+        proc = cached_file(src, "processor_config.json", revision=revision, _raise_exceptions_for_missing_entries=False)
+        if proc:
+            nq = json.loads(Path(proc).read_text(encoding="utf-8")).get("num_query_tokens", nq)
+        return cls(tok, qtok, image_processor, nq)
+
+    def __call__(self, text=None, images=None, **kw):
+        if images is not None:
+            raise ValueError("VideoProcessorParts tokenizes text only; frames go through the runtime's preprocessing")
+        q = self.qformer_tokenizer(text, **kw)
+        out = dict(self.tokenizer(text, **kw))
+        out.update(qformer_input_ids=q["input_ids"], qformer_attention_mask=q["attention_mask"])
+        return out
+
+    def save_pretrained(self, out) -> None:
+        out = Path(out)
+        self.tokenizer.save_pretrained(out)
+        self.qformer_tokenizer.save_pretrained(out / "qformer_tokenizer")
+        self.image_processor.save_pretrained(out)
+
+
+def video_record(model, processor, kind: str) -> dict:
+    """The manifest's video fields: the frame count the processor hard-codes and the LLM token
+    whose positions take the frames' query embeddings. A checkpoint loaded as a video model
+    from an image InstructBLIP checkpoint (transformers' docs do so) has no ``video_token_index``:
+    its ``<image>`` token is the placeholder (any in-vocabulary id is: its embedding is replaced)."""
+    cfg = model.config
+    vid = getattr(cfg, "video_token_index", None)
+    if vid is None:
+        vid = getattr(cfg, "image_token_index", None)
+    rows = model.language_model.get_input_embeddings().weight.shape[0]
+    if vid is None or not 0 <= int(vid) < rows:
+        raise ModelLoadError(f"this checkpoint has no usable video token (video_token_index={vid}, "
+                             f"{rows} embedding rows)", hint="its tokenizer needs a <video> or <image> token")
+    return {"kind": kind, "frames": VIDEO_FRAMES, "video_token_id": int(vid)}
+
+
+def load_checkpoint(ref: str | None, revision: str | None = None, video: bool = False):
     """-> (model, processor, source record). Vision, Q-Former and projection are cast to fp32
-    for export; the LLM keeps the checkpoint's own dtype (a 7B LLM in fp32 would not fit)."""
+    for export; the LLM keeps the checkpoint's own dtype (a 7B LLM in fp32 would not fit).
+    An InstructBlipVideo checkpoint loads as one; ``video`` loads an image InstructBLIP
+    checkpoint as ``InstructBlipVideoForConditionalGeneration`` (transformers' docs do so).
+    ``source["video"]``: the manifest's video fields, or None for an image model."""
     import torch
-    from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+    from transformers import (InstructBlipForConditionalGeneration, InstructBlipProcessor,
+                              InstructBlipVideoForConditionalGeneration)
 
     src, kind = resolve(ref)
     try:
-        model = InstructBlipForConditionalGeneration.from_pretrained(
+        model_type = _model_type(src, revision)
+        is_video = video or model_type == "instructblipvideo"
+        cls = InstructBlipVideoForConditionalGeneration if is_video else InstructBlipForConditionalGeneration
+        model = cls.from_pretrained(
             src, revision=revision, use_safetensors=True, dtype="auto", trust_remote_code=False)
-        processor = InstructBlipProcessor.from_pretrained(src, revision=revision, trust_remote_code=False)
+        if model_type == "instructblipvideo":
+            processor = VideoProcessorParts.from_pretrained(src, revision, model.config.num_query_tokens)
+        else:
+            processor = InstructBlipProcessor.from_pretrained(src, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ("no network to the hub here? download the checkpoint elsewhere and pass its directory"
                 if kind == "hub" else None)
         raise ModelLoadError(f"cannot load {ref or DEFAULT_MODEL}: {first}", hint=hint) from None
+    if model_type not in ("instructblip", "instructblipvideo"):
+        raise ModelLoadError(f"{ref or DEFAULT_MODEL} is a {model_type or 'unknown'} checkpoint, not InstructBLIP "
+                             "or InstructBlipVideo")
     model.eval()
     for part in (model.vision_model, model.qformer, model.language_projection):
         part.float()
@@ -115,5 +206,7 @@ def load_checkpoint(ref: str | None, revision: str | None = None):
         "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
         "llm_family": model.config.text_config.model_type,
         "llm_dtype": str(next(model.language_model.parameters()).dtype).replace("torch.", ""),
+        "model_type": model_type,
+        "video": video_record(model, processor, "video") if is_video else None,
     }
     return model, processor, source

@@ -79,6 +79,10 @@ class ExportOptions:
                         "tensorrt: build TensorRT engines for THIS machine's GPU (needs TensorRT; run it on the "
                         "Jetson)", choices=BACKENDS)
     trt: TrtOptions = dataclasses.field(default_factory=TrtOptions, metadata={"cli": "group"})
+    video: bool = _opt(False, "load an image InstructBLIP checkpoint as a video model (as transformers' docs do: "
+                       "InstructBlipVideoForConditionalGeneration.from_pretrained): the bundle answers about 4 frames, "
+                       "the <image> token standing for the video token; InstructBlipVideo checkpoints are video "
+                       "bundles without it")
     revision: str | None = _opt(None, "hub revision (branch, tag or commit)")
     opset: int = _opt(18, "ONNX opset (>= 18)")
     seed: int = _opt(0, "seed for the validation inputs")

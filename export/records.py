@@ -48,11 +48,16 @@ def preprocess_record(image_processor, config) -> dict:
     }
 
 
-def model_record(config, processor) -> dict:
+def model_record(config, processor, video: dict | None = None) -> dict:
+    """``video`` (``checkpoint.video_record``): a video model's kind, frame count and video token;
+    its ``image_token_id`` is then the video token too (the id whose positions the LLM stage
+    fills with query embeddings, all frames' in frame order)."""
     text = config.text_config
+    kind = video or {"kind": "image"}
     return {
+        **kind,
         "num_query_tokens": int(config.num_query_tokens),
-        "image_token_id": int(config.image_token_index),
+        "image_token_id": int(video["video_token_id"] if video else config.image_token_index),
         "is_encoder_decoder": not config.use_decoder_only_language_model,
         "llm_family": text.model_type,
         "llm_hidden_size": specs.llm_hidden_size(text),
@@ -83,10 +88,12 @@ def check_tokenizers(processor, manifest_model: dict, tok_paths: dict[str, Path]
     from ib_edge.runtime.preprocess import PromptEncoder
 
     enc = PromptEncoder(tok_paths["llm"], tok_paths["qformer"], manifest_model)
+    frames = manifest_model.get("frames") if manifest_model.get("kind") == "video" else None
     for prompt in PROBE_PROMPTS:
         ref = processor(text=[prompt], images=None)
-        ours = enc.encode(prompt)
-        ref_ids = [manifest_model["image_token_id"]] * manifest_model["num_query_tokens"] + list(ref["input_ids"][0])
+        ours = enc.encode(prompt, frames=frames)
+        ref_ids = ([manifest_model["image_token_id"]] * manifest_model["num_query_tokens"] * (frames or 1)
+                   + list(ref["input_ids"][0]))
         if list(ours["input_ids"][0]) != ref_ids:
             raise ExportError(f"runtime LLM tokenization differs from the processor's for {prompt!r}")
         if list(ours["qformer_input_ids"][0]) != list(ref["qformer_input_ids"][0]):

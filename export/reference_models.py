@@ -6,7 +6,13 @@ has the ``<image>`` token, a WordPiece (BERT-style) Q-Former tokenizer, an
 ``InstructBlipProcessor`` and ``save_pretrained`` output that loads through the very same
 ``from_pretrained`` path as ``Salesforce/instructblip-*``.
 
-    python -m ib_edge.export.reference_models --family llama --out /tmp/tiny-llama
+``--video`` builds ``InstructBlipVideoForConditionalGeneration`` checkpoints instead: the LLM
+tokenizer has a ``<video>`` token (the config's ``video_token_index``), and the processor files
+are what ``InstructBlipVideoProcessor.save_pretrained`` writes (``video_preprocessor_config.json``
+written as JSON: transformers' ``InstructBlipVideoVideoProcessor`` needs torchvision, whose wheel
+does not import beside the CPU torch here).
+
+    python -m ib_edge.export.reference_models --family llama --out /tmp/tiny-llama [--video]
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ What? Yes, it is. No! (maybe) 0 1 2 3 4 5 6 7 8 9 10 "quoted" it's a-b: c; d/e.
 
 PUNCTUATION = string.punctuation
 LLM_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+VIDEO_TOKEN = "<video>"  # InstructBlipVideoProcessor's placeholder (it adds it when a tokenizer lacks it)
 QFORMER_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -41,11 +48,13 @@ def _corpus_lines(extra: list[str] | None) -> list[str]:
     return lines + list(extra or [])
 
 
-def build_llm_tokenizer(family: str, vocab_size: int = 512, extra_text: list[str] | None = None):
+def build_llm_tokenizer(family: str, vocab_size: int = 512, extra_text: list[str] | None = None,
+                        video: bool = False):
     """Byte-level BPE tokenizer wrapped as a transformers fast tokenizer.
 
     Special-token placement follows the real families: Llama prepends ``<s>``, OPT prepends
-    ``</s>`` (its BOS is ``</s>``), T5 appends ``</s>`` and has no BOS.
+    ``</s>`` (its BOS is ``</s>``), T5 appends ``</s>`` and has no BOS. ``video``: ``<video>``
+    is one more special token (after the image one, so the other ids do not move).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -54,7 +63,7 @@ def build_llm_tokenizer(family: str, vocab_size: int = 512, extra_text: list[str
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=LLM_SPECIALS,
+        vocab_size=vocab_size, special_tokens=LLM_SPECIALS + ([VIDEO_TOKEN] if video else []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(_corpus_lines(extra_text), trainer=trainer)
@@ -135,8 +144,10 @@ REFERENCE_SPECS = {
 }
 
 
-def make_config(spec: TinySpec, llm_tok, qformer_tok):
-    from transformers import InstructBlipConfig, LlamaConfig, OPTConfig, T5Config
+def make_config(spec: TinySpec, llm_tok, qformer_tok, video: bool = False):
+    """An ``InstructBlipConfig``, or with ``video`` an ``InstructBlipVideoConfig`` (the same
+    sub-configs; ``video_token_index`` instead of ``image_token_index``)."""
+    from transformers import InstructBlipConfig, InstructBlipVideoConfig, LlamaConfig, OPTConfig, T5Config
 
     image_token_id = llm_tok.convert_tokens_to_ids("<image>")
     common = dict(vocab_size=len(llm_tok), pad_token_id=llm_tok.pad_token_id,
@@ -159,7 +170,13 @@ def make_config(spec: TinySpec, llm_tok, qformer_tok):
                         decoder_start_token_id=llm_tok.pad_token_id, **common)
     else:
         raise ValueError(f"unknown LLM family {spec.family!r}")
-    return InstructBlipConfig(
+    placeholder = dict(image_token_index=image_token_id)
+    if video:
+        vocab = llm_tok.get_vocab()
+        if VIDEO_TOKEN not in vocab:
+            raise ValueError(f"the LLM tokenizer has no {VIDEO_TOKEN} token (build_llm_tokenizer(..., video=True))")
+        placeholder = dict(video_token_index=vocab[VIDEO_TOKEN])
+    return (InstructBlipVideoConfig if video else InstructBlipConfig)(
         vision_config=dict(hidden_size=spec.vision_hidden, intermediate_size=4 * spec.vision_hidden,
                            num_hidden_layers=spec.vision_layers, num_attention_heads=spec.heads,
                            image_size=spec.image_size, patch_size=spec.patch_size,
@@ -171,7 +188,7 @@ def make_config(spec: TinySpec, llm_tok, qformer_tok):
                             pad_token_id=qformer_tok.pad_token_id),
         text_config=text.to_dict(),
         num_query_tokens=spec.num_query_tokens,
-        image_token_index=image_token_id,
+        **placeholder,
     )
 
 
@@ -184,26 +201,61 @@ def build_processor(spec: TinySpec, llm_tok, qformer_tok):
                                  qformer_tokenizer=qformer_tok, num_query_tokens=spec.num_query_tokens)
 
 
-def build_model(spec: TinySpec, seed: int = 0, extra_text: list[str] | None = None):
-    """Returns (model, processor) with sane random weights (seeded)."""
-    import torch
-    from transformers import InstructBlipForConditionalGeneration
+class VideoProcessorFiles:
+    """What ``InstructBlipVideoProcessor.save_pretrained`` writes, without its video processor
+    class (it imports torchvision): the LLM tokenizer (with ``<video>``), the Q-Former tokenizer
+    in ``qformer_tokenizer/``, ``video_preprocessor_config.json`` (the BLIP resize and
+    normalisation, the same fields as the image processor's) and ``processor_config.json``."""
 
-    llm_tok = build_llm_tokenizer(spec.family, extra_text=extra_text)
+    def __init__(self, spec: TinySpec, tokenizer, qformer_tokenizer):
+        self.spec, self.tokenizer, self.qformer_tokenizer = spec, tokenizer, qformer_tokenizer
+        self.num_query_tokens = spec.num_query_tokens
+
+    def video_processor_config(self) -> dict:
+        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        return {"video_processor_type": "InstructBlipVideoVideoProcessor", "processor_class": "InstructBlipVideoProcessor",
+                "size": {"height": self.spec.image_size, "width": self.spec.image_size}, "resample": 3,
+                "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), "do_convert_rgb": True,
+                "do_center_crop": False, "do_sample_frames": False}
+
+    def save_pretrained(self, out) -> None:
+        import json
+
+        out = Path(out)
+        self.tokenizer.save_pretrained(out)
+        self.qformer_tokenizer.save_pretrained(out / "qformer_tokenizer")
+        (out / "video_preprocessor_config.json").write_text(
+            json.dumps(self.video_processor_config(), indent=2) + "\n", encoding="utf-8")
+        (out / "processor_config.json").write_text(json.dumps(
+            {"processor_class": "InstructBlipVideoProcessor", "num_query_tokens": self.num_query_tokens},
+            indent=2) + "\n", encoding="utf-8")
+
+
+def build_model(spec: TinySpec, seed: int = 0, extra_text: list[str] | None = None, video: bool = False):
+    """Returns (model, processor) with sane random weights (seeded). ``video``: an
+    ``InstructBlipVideoForConditionalGeneration`` and its ``VideoProcessorFiles``."""
+    import torch
+    from transformers import InstructBlipForConditionalGeneration, InstructBlipVideoForConditionalGeneration
+
+    llm_tok = build_llm_tokenizer(spec.family, extra_text=extra_text, video=video)
     qformer_tok = build_qformer_tokenizer(extra_text=extra_text)
-    config = make_config(spec, llm_tok, qformer_tok)
+    config = make_config(spec, llm_tok, qformer_tok, video=video)
     torch.manual_seed(seed)
-    model = InstructBlipForConditionalGeneration(config)
+    model = (InstructBlipVideoForConditionalGeneration if video else InstructBlipForConditionalGeneration)(config)
     with torch.no_grad():
         model.query_tokens.normal_(0.0, 0.5)  # zeros would make every query identical
     model.eval()
+    if video:
+        return model, VideoProcessorFiles(spec, llm_tok, qformer_tok)
     return model, build_processor(spec, llm_tok, qformer_tok)
 
 
-def save_reference(family: str, out: Path, seed: int = 0) -> Path:
+def save_reference(family: str, out: Path, seed: int = 0, video: bool = False) -> Path:
     import torch
 
-    model, processor = build_model(REFERENCE_SPECS[family], seed=seed)
+    model, processor = build_model(REFERENCE_SPECS[family], seed=seed, video=video)
     if family == "t5":
         # transformers 5 always ties T5's lm_head to its embeddings; at the default std 1.0 the
         # decoder echoes its start token forever, which would make greedy parity tests vacuous.
@@ -221,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", choices=sorted(REFERENCE_SPECS), required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--video", action="store_true", help="an InstructBlipVideoForConditionalGeneration checkpoint")
     args = ap.parse_args(argv)
-    print(save_reference(args.family, args.out, args.seed))
+    print(save_reference(args.family, args.out, args.seed, video=args.video))
     return 0
 
 

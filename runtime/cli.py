@@ -1,6 +1,7 @@
 """ib-run: answer a question about an image from a deploy bundle.
 
     ib-run [--bundle DIR] IMAGE PROMPT [PROMPT ...] [--max-new-tokens N] [--num-beams N]
+    ib-run --bundle VIDEO_BUNDLE (VIDEO | --frame F1 --frame F2 --frame F3 --frame F4) PROMPT [PROMPT ...]
            [--temperature T] [--top-p P] [--seed S] [--llm-engine ort|torch|cuda] [--device cuda|cpu] [--json]
 
 Tokens stream to stdout as they are generated, one answer per line and prompt; with --json one
@@ -31,10 +32,14 @@ ORT_PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecution
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ib-run", description="Answer a question about an image from an ib-edge bundle.")
-    ap.add_argument("image", help="image file (JPEG, PNG, ...)")
+    ap.add_argument("image", nargs="?", help="image file (JPEG, PNG, ...); for a video bundle a video file (animated "
+                                             "GIF; mp4/webm with the 'video' extra, PyAV), its frames sampled evenly")
     ap.add_argument("prompt", nargs="+", help="the question or instruction; several are answered in turn, "
                                              "from one load and one vision-encoder pass")
     ap.add_argument("--bundle", help="bundle directory (default: where ib-export writes without --out)")
+    ap.add_argument("--frame", action="append", default=None, metavar="IMAGE",
+                    help="a video bundle's frame, in order, once per frame (as many as the bundle takes: 4); "
+                         "instead of IMAGE")
     ap.add_argument("--max-new-tokens", type=int, default=32,
                     help="stop after this many generated tokens (1-4096; default 32); an end-of-sequence token "
                          "stops earlier")
@@ -128,6 +133,8 @@ def _stdout_closed() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.frame and args.image is not None:  # with --frame every positional argument is a prompt
+        args.prompt, args.image = [args.image, *args.prompt], None
     if sys.stdout is None:  # started with stdout closed (>&-): nowhere to answer
         print("ib-run: error: standard output is closed; nowhere to write the answer", file=sys.stderr)
         return EXIT_INPUT
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import InputError
 
     try:
-        from .pipeline import Pipeline
+        from .pipeline import Pipeline, default_bundle_dir
 
         check_args(args)
         if args.max_new_tokens < 1 or args.max_new_tokens > 4096:
@@ -154,7 +161,16 @@ def main(argv: list[str] | None = None) -> int:
         # Check the cheap things (image, prompt) before loading the models.
         from .preprocess import load_image
 
-        image = load_image(args.image)
+        if args.frame:
+            image, video = None, [load_image(f) for f in args.frame]
+        elif args.image is None:
+            raise InputError("give an IMAGE (or a video bundle's --frame F1 --frame F2 ...) and a PROMPT")
+        else:
+            from .video import load_frames
+            from .manifest import Manifest
+
+            frames = Manifest.load(args.bundle if args.bundle is not None else default_bundle_dir()).frames
+            image, video = (load_image(args.image), None) if frames is None else (None, load_frames(args.image, frames))
         pipe = Pipeline.load(args.bundle, providers=providers, threads=args.threads, verify=not args.no_verify,
                              llm_engine=args.llm_engine, device=args.device)
         for prompt in args.prompt:
@@ -174,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
 
         for prompt in args.prompt:
-            result = pipe.run(image, prompt, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+            result = pipe.run(image, prompt, video=video, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                               on_text=None if args.json else stream)
             if args.json:

@@ -38,6 +38,8 @@ TENSOR_DTYPES = ("float32", "float16", "int64", "int32")
 LLM_FORMATS = ("safetensors", "ib-edge-int4", "ib-edge-weight-only")
 LLM_BACKENDS = ("transformers", "fastllm")
 LLM_DTYPES = ("float32", "float16", "bfloat16")
+MODEL_KINDS = ("image", "video")   # model.kind; bundles written before it are image bundles
+MAX_FRAMES = 64
 RESAMPLE = (0, 1, 2, 3, 4, 5)   # PIL.Image.Resampling: NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
 MAX_IMAGE_SIDE = 8192
 MAX_ID = 2 ** 31 - 1
@@ -147,6 +149,11 @@ def _validate(data, path: Path) -> dict[str, ArtifactRecord]:
     c.int_in(m, "qformer_pad_token_id", "model", 0, MAX_ID, optional=True)
     c.int_in(m, "llm_max_positions", "model", 1, 1 << 24, optional=True)
     c.int_in(m, "llm_hidden_size", "model", 1, 1 << 20, optional=True)
+    if c.choice(m, "kind", "model", MODEL_KINDS, optional=True, default="image") == "video":
+        c.int_in(m, "frames", "model", 1, MAX_FRAMES)
+        if c.int_in(m, "video_token_id", "model", 0, MAX_ID) != m["image_token_id"]:
+            c.fail("model.video_token_id", f"{m['video_token_id']} differs from model.image_token_id "
+                   f"{m['image_token_id']} (a video bundle's LLM fills the video token's positions)")
     eos = m.get("eos_token_id")
     if eos is not None:
         ids = eos if isinstance(eos, list) else [eos]
@@ -345,6 +352,11 @@ class Manifest:
     @property
     def model(self) -> dict:
         return self.data["model"]
+
+    @property
+    def frames(self) -> int | None:
+        """The frame count a video bundle takes; None for an image bundle."""
+        return self.model["frames"] if self.model.get("kind", "image") == "video" else None
 
     @property
     def preprocess(self) -> dict:

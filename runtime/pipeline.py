@@ -1,8 +1,10 @@
-"""The thin runtime: image + prompt -> answer, chaining the bundle's stages.
+"""The thin runtime: image (or video frames) + prompt -> answer, chaining the bundle's stages.
 
     from ib_edge.runtime import Pipeline
     pipe = Pipeline.load("path/to/bundle")
     print(pipe.generate("cat.jpg", "What is in this image?"))
+    # a video bundle: its frame count of frames, or a video file
+    print(video_pipe.generate(video=["f1.png", "f2.png", "f3.png", "f4.png"], prompt="What happens?"))
 """
 from __future__ import annotations
 
@@ -110,6 +112,18 @@ class Pipeline:
     def pixel_values(self, images) -> np.ndarray:
         return pixel_values([load_image(i) for i in images], self.manifest.preprocess)
 
+    def video_pixel_values(self, video) -> np.ndarray:
+        """A video bundle's frames (a list of them, or a video file) -> float32 [F,3,H,W], each
+        frame preprocessed as an image; the frame count is the manifest's."""
+        from .video import load_frames
+
+        frames = self.manifest.frames
+        if frames is None:
+            raise InputError("this bundle is an image model: it takes one image, not video frames",
+                             hint="export a video bundle: ib-export CHECKPOINT --video (or an InstructBlipVideo "
+                                  "checkpoint)")
+        return pixel_values(load_frames(video, frames), self.manifest.preprocess)
+
     def image_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
         if self.embed_cache is not None:  # cached rows reused, the rest in one vision call
             return self.embed_cache.embeds(pixel_values, lambda pv: self.vision(pixel_values=pv)["image_embeds"])
@@ -120,18 +134,33 @@ class Pipeline:
                             qformer_attention_mask=qformer_attention_mask)["query_embeds"]
 
     # --- end to end -----------------------------------------------------------------------
-    def run(self, image, prompt: str, *, max_new_tokens: int = 32, num_beams: int = 1,
-            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, on_text=None,
-            min_new_tokens: int = 0) -> Result:
-        """``min_new_tokens``: EOS suppressed before that many tokens (the benchmark's fixed length)."""
+    def run(self, image=None, prompt: str | None = None, *, video=None, max_new_tokens: int = 32,
+            num_beams: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+            on_text=None, min_new_tokens: int = 0) -> Result:
+        """``image`` for an image bundle; ``video`` (its frame count of frames, or a video file)
+        for a video bundle, whose ``image`` may also be a video file.
+        ``min_new_tokens``: EOS suppressed before that many tokens (the benchmark's fixed length)."""
         t = {}
         t0 = time.perf_counter()
-        enc = self.prompts.encode(prompt, max_new_tokens)
-        pv = self.pixel_values([image])
+        frames = self.manifest.frames
+        if video is not None and image is not None:
+            raise InputError("give an image or a video, not both")
+        if frames is not None and video is None:
+            if image is None or not isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
+                raise InputError(f"this bundle is a video model: it takes {frames} frames (video=[...]) or a video "
+                                 "file, not one image")
+            image, video = None, image
+        if image is None and video is None:
+            raise InputError("no image given")
+        enc = self.prompts.encode(prompt, max_new_tokens, frames=frames if video is not None else None)
+        pv = self.pixel_values([image]) if video is None else self.video_pixel_values(video)
         t1 = time.perf_counter()
         img = self.image_embeds(pv)
         t2 = time.perf_counter()
-        q = self.query_embeds(img, enc["qformer_input_ids"], enc["qformer_attention_mask"])
+        n = pv.shape[0]  # frames: each its own Q-Former pass with the same instruction (repeat_interleave)
+        q = self.query_embeds(img, np.repeat(enc["qformer_input_ids"], n, axis=0),
+                              np.repeat(enc["qformer_attention_mask"], n, axis=0))
+        q = q.reshape(1, n * q.shape[1], q.shape[2])  # [1, F*Q, D] in frame order, as the model reshapes
         t3 = time.perf_counter()
         llm = self.llm
         t4 = time.perf_counter()
@@ -145,6 +174,7 @@ class Pipeline:
              "total": (t5 - t0 - (t4 - t3)) * 1e3}
         return Result(self.prompts.decode(ids), ids, t)
 
-    def generate(self, image, prompt: str, **options) -> str:
-        """image: a path or a PIL image. Options: max_new_tokens, num_beams, temperature, top_p, seed."""
+    def generate(self, image=None, prompt: str | None = None, **options) -> str:
+        """image: a path or a PIL image; video=[frames] (or a video file) for a video bundle.
+        Options: max_new_tokens, num_beams, temperature, top_p, seed."""
         return self.run(image, prompt, **options).answer

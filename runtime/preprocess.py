@@ -180,20 +180,25 @@ class PromptEncoder:
             raise InputError(f"prompt too long: {len(prompt)} characters (limit {MAX_PROMPT_CHARS})")
         return prompt
 
-    def encode(self, prompt: str, max_new_tokens: int = 0) -> dict[str, np.ndarray]:
-        """One prompt -> input_ids/attention_mask (LLM) and qformer_input_ids/mask, batch 1."""
+    def encode(self, prompt: str, max_new_tokens: int = 0, frames: int | None = None) -> dict[str, np.ndarray]:
+        """One prompt -> input_ids/attention_mask (LLM) and qformer_input_ids/mask, batch 1.
+        ``frames`` (a video bundle): ``num_query_tokens * frames`` placeholder ids in front, as
+        ``InstructBlipVideoProcessor`` expands ``<video>``; the Q-Former ids stay one row (the
+        pipeline repeats them per frame, as the model does)."""
         prompt = self.check(prompt)
         q_ids = self.qformer.encode(prompt).ids
         if len(q_ids) > self.qformer_max_len:
             raise InputError(f"prompt too long for the Q-Former: {len(q_ids)} tokens (limit {self.qformer_max_len})")
         text_ids = self.llm.encode(prompt).ids
+        what = "video" if frames else "image"
         if self.image_token_id in text_ids:
-            raise InputError("the prompt may not contain the image token "
-                             f"({self.llm.id_to_token(self.image_token_id)!r}): the image goes in its own argument")
-        ids = [self.image_token_id] * self.num_query_tokens + text_ids
+            raise InputError(f"the prompt may not contain the {what} token "
+                             f"({self.llm.id_to_token(self.image_token_id)!r}): the {what} goes in its own argument")
+        n_image = self.num_query_tokens * (frames or 1)
+        ids = [self.image_token_id] * n_image + text_ids
         if self.llm_max_len is not None and len(ids) + max_new_tokens > self.llm_max_len:
             raise InputError(
-                f"prompt too long for the LLM: {len(ids)} tokens with the {self.num_query_tokens} image "
+                f"prompt too long for the LLM: {len(ids)} tokens with the {n_image} {what} "
                 f"tokens, + {max_new_tokens} new tokens > context {self.llm_max_len}")
         return {
             "input_ids": np.asarray([ids], np.int64),

@@ -110,8 +110,11 @@ def gen_params(req: ChatRequest, default_max_tokens: int) -> GenParams:
         raise RequestError(str(e), param="max_tokens" if "max_tokens" in str(e) else None) from None
 
 
-def prompt_and_image(messages: list[Message]) -> tuple[str, str]:
-    """(prompt, image URL): the last message's text (a user message) and the one image part."""
+def prompt_and_image(messages: list[Message], frames: int | None = None) -> tuple[str, str | list[str]]:
+    """(prompt, image URL): the last message's text (a user message) and the one image part.
+    ``frames`` (a video bundle's frame count): the image parts are its frames, in order, and
+    there must be that many (one part may instead be an animated GIF, sampled as ib-run does);
+    the URLs come back as a list."""
     urls = []
     for i, m in enumerate(messages):
         if isinstance(m.content, list):
@@ -123,11 +126,14 @@ def prompt_and_image(messages: list[Message]) -> tuple[str, str]:
                 elif part.type != "text":
                     raise RequestError(f"content part type {part.type!r} is not supported (text, image_url)",
                                        param=f"messages.{i}.content.{j}")
+    if frames is not None and len(urls) not in (1, frames):
+        raise RequestError(f"{len(urls)} images in the request: this video model takes {frames} frames, as "
+                           f"{frames} image_url parts in order (or one animated GIF)", param="messages")
     if not urls:
         raise RequestError("no image in the request: InstructBLIP answers about one image",
                            param="messages", hint="add a content part {\"type\": \"image_url\", \"image_url\": "
                                                   "{\"url\": \"data:image/png;base64,...\"}}")
-    if len(urls) > 1:
+    if len(urls) > 1 and frames is None:
         raise RequestError(f"{len(urls)} images in the request: InstructBLIP takes exactly one", param="messages",
                            hint="send one request per image")
     last = messages[-1]
@@ -141,7 +147,7 @@ def prompt_and_image(messages: list[Message]) -> tuple[str, str]:
     if not text.strip():
         raise RequestError("the last user message has no text: the prompt is empty", param="messages",
                            hint="ask a question, e.g. \"Describe this image.\"")
-    return text, urls[0]
+    return text, (urls if frames is not None else urls[0])
 
 
 def load_request_image(url: str, allow_files: Path | None, max_bytes: int):

@@ -74,8 +74,8 @@ def warm_up(engine: Engine) -> None:
     done = threading.Event()
     out = []
     engine.reserve()
-    pv = pipe.pixel_values([Image.new("RGB", (64, 64), (128, 128, 128))])
-    engine.submit(Job(pv, pipe.prompts.encode(WARMUP_PROMPT, 2), GenParams(max_new_tokens=2), None,
+    pv = pipe.pixel_values([Image.new("RGB", (64, 64), (128, 128, 128))] * (pipe.manifest.frames or 1))
+    engine.submit(Job(pv, pipe.prompts.encode(WARMUP_PROMPT, 2, frames=pipe.manifest.frames), GenParams(max_new_tokens=2), None,
                       lambda r: (out.append(r), done.set())))
     done.wait()
     if not isinstance(out[0], Completion):
@@ -284,10 +284,23 @@ def create_app(opts: ServeOptions, *, load=load_pipeline, on_fatal=None, on_read
         return api.RequestError(f"model {name!r} is not served here (this server serves {state.model_name!r})",
                                 status=404, code="model_not_found", param="model")
 
-    def prepare(url: str, prompt: str, params: GenParams):
-        enc = state.pipe.prompts.encode(prompt, params.max_new_tokens)  # the prompt first: it is cheap
+    def prepare(url, prompt: str, params: GenParams):
+        frames = state.pipe.manifest.frames
+        enc = state.pipe.prompts.encode(prompt, params.max_new_tokens, frames=frames)  # the prompt first: it is cheap
+        if frames is not None:  # a video bundle: the frames' URLs in order (or one animated GIF)
+            return video_pixel_values(url, frames), enc
         image = api.load_request_image(url, allow_files, opts.max_body_bytes)
         return state.pipe.pixel_values([image]), enc
+
+    def video_pixel_values(urls: list[str], frames: int):
+        if len(urls) == frames:
+            return state.pipe.video_pixel_values([api.load_request_image(u, allow_files, opts.max_body_bytes)
+                                                  for u in urls])
+        url = urls[0]  # one animated image: the bytes go through the runtime's video decoding
+        if not url.startswith("data:"):
+            raise api.RequestError(f"a video model takes {frames} image_url parts (frames) or one animated GIF "
+                                   "as a data: URL", param="image_url")
+        return state.pipe.video_pixel_values(api.data_url_bytes(url))
 
     @app.post("/v1/chat/completions")
     async def chat(req: api.ChatRequest, request: Request):
@@ -295,7 +308,7 @@ def create_app(opts: ServeOptions, *, load=load_pipeline, on_fatal=None, on_read
         if req.model != state.model_name:
             raise _unknown_model(req.model)
         params = api.gen_params(req, opts.max_tokens)
-        prompt, url = api.prompt_and_image(req.messages)
+        prompt, url = api.prompt_and_image(req.messages, state.pipe.manifest.frames)
         engine.reserve()
         try:
             try:

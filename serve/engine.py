@@ -56,7 +56,7 @@ class Completion:
 @dataclasses.dataclass(eq=False)
 class Job:
     """One admitted request: preprocessed inputs, generation options, where results go."""
-    pixel_values: np.ndarray   # [1, 3, H, W]
+    pixel_values: np.ndarray   # [1, 3, H, W]; a video bundle's: [F, 3, H, W], one row per frame
     enc: dict                  # PromptEncoder.encode output, batch 1
     params: GenParams
     on_text: object            # callable(str) | None: each new piece of text
@@ -193,8 +193,9 @@ class Engine:
             pv = np.concatenate([j.pixel_values for j in live])
             img = self.pipe.image_embeds(pv)
             t1 = time.perf_counter()
+            rows = [j.pixel_values.shape[0] for j in live]  # a video job's frames share its instruction
             ids, mask = pad_qformer([j.enc for j in live], self.pad_id)
-            q = self.pipe.query_embeds(img, ids, mask)
+            q = self.pipe.query_embeds(img, np.repeat(ids, rows, axis=0), np.repeat(mask, rows, axis=0))
             t2 = time.perf_counter()
         except Exception as e:  # every job of the batch gets the error (InputError -> 400, else 500)
             if not isinstance(e, IbEdgeError):
@@ -203,8 +204,9 @@ class Engine:
                 self._finish(job, e)
             return []
         self.batches[len(live)] += 1
-        for i, job in enumerate(live):
-            job.query_embeds = q[i:i + 1]
+        starts = np.cumsum([0] + rows)
+        for i, job in enumerate(live):  # [1, F*Q, D]: a job's frames' queries in frame order
+            job.query_embeds = q[starts[i]:starts[i + 1]].reshape(1, -1, q.shape[2])
             job.timings.update(queue=(t0 - job.t_submit) * 1e3, vision=(t1 - t0) * 1e3,
                                qformer=(t2 - t1) * 1e3, batch=float(len(live)))
         return live
