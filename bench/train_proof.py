@@ -8,7 +8,8 @@ Llama-style decoder or T5 encoder-decoder LLM) that answer the questions of
     python -m ib_edge.bench.train_proof --family llama --out export/proof_models/proof-llama --threads 1
     python -m ib_edge.bench.train_proof --family t5    --out export/proof_models/proof-t5 --threads 1
 
-(The shipped models were trained with these commands; ``--threads 1`` because on a 2-core
+(proof-video-llama: `bench/train_proof_video.py`, the command in its model card.
+The shipped models were trained with these commands; ``--threads 1`` because on a 2-core
 machine shared with other work, two OpenMP threads ran up to 10x slower than one.)
 
 What it does:

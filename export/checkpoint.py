@@ -18,7 +18,7 @@ from pathlib import Path
 from ib_edge.runtime.errors import IbEdgeError
 
 PROOF_MODELS_DIR = Path(__file__).resolve().parent / "proof_models"
-PROOF_MODELS = ("proof-llama", "proof-t5")
+PROOF_MODELS = ("proof-llama", "proof-t5", "proof-video-llama")
 DEFAULT_MODEL = "proof-llama"
 
 
