@@ -137,11 +137,15 @@ def ttft(client, model: str, examples: list[dict], max_tokens: int) -> dict:
         t = time.perf_counter()
         stream = client.chat.completions.create(model=model, messages=messages(prompt, url), stream=True,
                                                 max_tokens=max_tokens)
-        got = None
+        got = end = None
         for ch in stream:
             if got is None and ch.choices and ch.choices[0].delta.content:
                 got = time.perf_counter() - t
-        return got
+            if ch.choices and ch.choices[0].finish_reason:
+                end = time.perf_counter() - t
+        # a generation whose tokens decode to no text (random weights) sends none: its first
+        # token then shows only as the finishing chunk, an upper bound
+        return got if got is not None else end
 
     miss, hit = [], []
     for ex in examples:

@@ -33,3 +33,24 @@ def test_random_weight_table_does_not_score():
     assert "not checked (random weights)" in text and "0.0%" not in text
     res["random_weights"] = False
     assert "0.0%" in serve_load.table(res)
+
+
+def test_ttft_counts_an_answer_without_text_at_its_finishing_chunk():
+    from types import SimpleNamespace as NS
+
+    def chunk(content=None, finish=None):
+        return NS(choices=[NS(delta=NS(content=content), finish_reason=finish)])
+
+    class Client:
+        def __init__(self):
+            self.chat = NS(completions=NS(create=self.create))
+
+        def create(self, *, messages, **kw):  # the first question's answer has text, the second none
+            text = messages[0]["content"][1]["text"] != "How many shapes are there?"
+            return iter([chunk(""), chunk("red" if text else None), chunk(None, "stop")])
+
+    from PIL import Image
+
+    r = serve_load.ttft(Client(), "m", [{"image": Image.new("RGB", (4, 4)), "question": "What color?"}], 4)
+    assert r["n"] == 1 and len(r["miss_ms"]) == 1 and len(r["hit_ms"]) == 1
+    assert r["hit_p50_ms"] >= 0 and r["miss_p50_ms"] >= 0
