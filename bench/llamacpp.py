@@ -138,14 +138,23 @@ def decode(path: Path, prompt_len: int, new_tokens: int, threads: int, timing) -
     load_s = time.perf_counter() - t0
     prompt = [int(x) for x in np.random.default_rng(0).integers(259, llm.n_vocab(), prompt_len)]
 
+    import llama_cpp
+
+    n_vocab = llm.n_vocab()
+
+    def last_logits() -> np.ndarray:
+        # the last evaluated position's logits from the context itself: without logits_all,
+        # Llama.scores has n_batch rows and (0.3.x) is no longer filled by eval()
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+
     def run(n):
         t0 = time.perf_counter()
         llm.reset()
         llm.eval(prompt)
-        out = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        out = [int(np.argmax(last_logits()))]
         while len(out) < n:
             llm.eval([out[-1]])
-            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            out.append(int(np.argmax(last_logits())))
         return time.perf_counter() - t0, len(out)
 
     prefill, tps = timing(run, new_tokens)

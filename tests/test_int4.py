@@ -303,3 +303,26 @@ def test_decode_bench_smoke():
     assert nf4["measured"] == (importlib.util.find_spec("bitsandbytes") is not None), nf4
     if nf4["measured"]:
         assert nf4["decode_tok_s"] > 0 and res["speedup_vs_nf4"] > 0
+
+
+def test_llamacpp_baseline_past_n_batch_positions(tmp_path):
+    """The optional llama.cpp baseline decodes past its n_batch (64) positions: a prompt of 60 and
+    16 new tokens (Llama.scores has n_batch rows, so reading it there raised IndexError)."""
+    from ib_edge.bench import llamacpp
+
+    why = llamacpp.unavailable_reason()
+    if why:
+        pytest.skip(f"optional llama.cpp baseline: {why}")
+    from ib_edge.bench.decode import PRESETS, random_int4_tensors
+
+    a = PRESETS["smoke"]
+    calls = []
+
+    def timing(run, n):
+        secs, made = run(n)
+        calls.append(made)
+        return secs, made / secs
+
+    res = llamacpp.bench(a, random_int4_tensors(a, 32), 60, 16, 1, timing, work_dir=str(tmp_path), qtypes=("Q4_0",))
+    assert res["Q4_0"]["measured"], res
+    assert calls == [16] and res["Q4_0"]["decode_tok_s"] > 0
