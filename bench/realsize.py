@@ -95,12 +95,12 @@ def hf_run(checkpoint: Path, dtype: str, prompt_len: int, tokens: int) -> dict:
 
     from .decode import _hf_decode
 
-    cfg = transformers.InstructBlipConfig.from_pretrained(checkpoint).text_config
+    cfg = transformers.InstructBlipConfig.from_pretrained(checkpoint, trust_remote_code=False).text_config
     auto = transformers.AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else transformers.AutoModelForCausalLM
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         model = auto.from_pretrained(checkpoint, config=cfg, dtype=getattr(torch, dtype), use_safetensors=True,
-                                     key_mapping={r"^language_model\.": ""}).eval()
+                                     key_mapping={r"^language_model\.": ""}, trust_remote_code=False).eval()
         load_s = time.perf_counter() - t0
         emb = (torch.randn(1, prompt_len, cfg.d_model if cfg.is_encoder_decoder else cfg.hidden_size) * 0.02
                ).to(getattr(torch, dtype))

@@ -133,8 +133,8 @@ class _ImageNamed:
 
 def _old_vocab(init: Path):
     from transformers import AutoTokenizer
-    llm = AutoTokenizer.from_pretrained(init)
-    qf = AutoTokenizer.from_pretrained(init / "qformer_tokenizer")
+    llm = AutoTokenizer.from_pretrained(init, trust_remote_code=False)
+    qf = AutoTokenizer.from_pretrained(init / "qformer_tokenizer", trust_remote_code=False)
     return llm.get_vocab(), qf.get_vocab()
 
 
@@ -508,8 +508,8 @@ def load(out: Path):
     """(model, llm_tok, qformer_tok, image_processor) of a saved proof-video model."""
     from transformers import AutoTokenizer, InstructBlipVideoForConditionalGeneration
     model = InstructBlipVideoForConditionalGeneration.from_pretrained(out, trust_remote_code=False).eval()
-    llm_tok = AutoTokenizer.from_pretrained(out)
-    qformer_tok = AutoTokenizer.from_pretrained(Path(out) / "qformer_tokenizer")
+    llm_tok = AutoTokenizer.from_pretrained(out, trust_remote_code=False)
+    qformer_tok = AutoTokenizer.from_pretrained(Path(out) / "qformer_tokenizer", trust_remote_code=False)
     return model, llm_tok, qformer_tok, image_processor()
 
 

@@ -135,17 +135,19 @@ def main(argv: list[str] | None = None) -> int:
             print(path)
         else:
             bundle_arg = "" if args.out is None else f" --bundle {path}"
-            note = ""
-            if kind == "proof":
-                note = ("; note: the embedded proof model only knows the synthetic shapes task (python -m "
-                        "ib_edge.bench.proof_task makes images); for real photos export a real checkpoint: "
-                        "ib-export Salesforce/instructblip-flan-t5-xl --out DIR (or a local checkpoint directory)")
             from ib_edge.runtime.manifest import Manifest
 
             try:  # the hint only: a bundle that cannot be read back here is ib-run's to report
                 frames = Manifest.load(path).frames
             except IbEdgeError:
                 frames = None
+            note = ""
+            if kind == "proof":
+                task, maker = (("shapes task", "proof_task makes images") if frames is None else
+                               ("moving-shapes video task", "proof_video makes clips"))
+                note = (f"; note: the embedded proof model only knows the synthetic {task} (python -m "
+                        f"ib_edge.bench.{maker}); for real photos export a real checkpoint: "
+                        "ib-export Salesforce/instructblip-flan-t5-xl --out DIR (or a local checkpoint directory)")
             what = ("IMAGE \"Describe this image.\"" if frames is None else
                     " ".join(f"--frame F{i + 1}" for i in range(frames)) + " \"Describe this video.\" (or a GIF/mp4 "
                     "in place of the frames)")

@@ -105,7 +105,8 @@ def load_streamed(src_dir: str | Path, *, config=None, key_prefix: str = "") -> 
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.eval()
     if config is None and (src / "generation_config.json").is_file():  # as from_pretrained does
-        model.generation_config = transformers.GenerationConfig.from_pretrained(str(src))
+        model.generation_config = transformers.GenerationConfig.from_dict(  # plain JSON: no code, no hub
+            json.loads((src / "generation_config.json").read_text(encoding="utf-8")))
     files = {k.removeprefix(key_prefix): f for k, f in stored_index(src).items() if k.startswith(key_prefix)}
     files = _Renamed(files, key_prefix)
     layers = model.get_decoder().layers
