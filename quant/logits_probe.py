@@ -56,48 +56,36 @@ class LogitsProbe:
         self.tokens = sum(r.shape[0] for r in self.reference)
 
     def _greedy(self, model, embeds, max_new_tokens: int, batch: int) -> list[torch.Tensor]:
-        """fp32 greedy answers; encoder-decoders in right-padded batches (the encoder masks the
-        padding), decoder-only one prompt at a time (no left-padding subtleties)."""
-        if not self.encoder_decoder and getattr(model, "ib_edge_streamed", False):
-            return self._greedy_left_padded(model, embeds, max_new_tokens, batch)
-        if not self.encoder_decoder:
+        """fp32 greedy answers: decoder-only one prompt at a time (no left-padding subtleties),
+        except a layer-streamed model; encoder-decoders and streamed models in padded batches."""
+        if not self.encoder_decoder and not getattr(model, "ib_edge_streamed", False):
             return [model.generate(inputs_embeds=e[None], attention_mask=torch.ones(1, e.shape[0], dtype=torch.long),
                                    max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)[0] for e in embeds]
-        eos = model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        out = []
-        for i in range(0, len(embeds), batch):
-            chunk = embeds[i:i + batch]
-            t = max(e.shape[0] for e in chunk)
-            emb, attn = torch.zeros(len(chunk), t, chunk[0].shape[-1]), torch.zeros(len(chunk), t, dtype=torch.long)
-            for j, e in enumerate(chunk):
-                emb[j, :e.shape[0]], attn[j, :e.shape[0]] = e, 1
-            gen = model.generate(inputs_embeds=emb, attention_mask=attn, max_new_tokens=max_new_tokens,
-                                 do_sample=False, num_beams=1)
-            for row in gen:
-                stop = next((k + 1 for k in range(1, len(row)) if int(row[k]) in eos), len(row))
-                out.append(row[:stop])
-        return out
+        return self._greedy_batched(model, embeds, max_new_tokens, batch, left=not self.encoder_decoder)
 
     @staticmethod
-    def _greedy_left_padded(model, embeds, max_new_tokens: int, batch: int) -> list[torch.Tensor]:
-        """Decoder-only greedy answers in left-padded batches, for a layer-streamed model
-        (``quant.streamed``: every forward re-reads the weights, so one prompt at a time would
-        read them prompts x tokens times). Positions come from the mask, so each row sees what
-        it would alone; a row's answer ends at its first EOS, as ``generate`` ends it alone."""
+    def _greedy_batched(model, embeds, max_new_tokens: int, batch: int, left: bool) -> list[torch.Tensor]:
+        """Greedy answers in padded batches: encoder-decoders right-padded (the encoder masks the
+        padding; each row starts with the decoder start token), decoder-only left-padded for a
+        layer-streamed model (``quant.streamed``: every forward re-reads the weights, so one
+        prompt at a time would read them prompts x tokens times; positions come from the mask, so
+        each row sees what it would alone). A row's answer ends at its first EOS, as ``generate``
+        ends it alone."""
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        first = 0 if left else 1   # an encoder-decoder row's first id is the decoder start token
         out = []
         for i in range(0, len(embeds), batch):
             chunk = embeds[i:i + batch]
             t = max(e.shape[0] for e in chunk)
             emb, attn = torch.zeros(len(chunk), t, chunk[0].shape[-1]), torch.zeros(len(chunk), t, dtype=torch.long)
             for j, e in enumerate(chunk):
-                emb[j, t - e.shape[0]:], attn[j, t - e.shape[0]:] = e, 1
+                rows = slice(t - e.shape[0], t) if left else slice(0, e.shape[0])
+                emb[j, rows], attn[j, rows] = e, 1
             gen = model.generate(inputs_embeds=emb, attention_mask=attn, max_new_tokens=max_new_tokens,
                                  do_sample=False, num_beams=1)
             for row in gen:
-                stop = next((k + 1 for k in range(len(row)) if int(row[k]) in eos), len(row))
+                stop = next((k + 1 for k in range(first, len(row)) if int(row[k]) in eos), len(row))
                 out.append(row[:stop])
         return out
 
