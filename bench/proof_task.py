@@ -300,14 +300,19 @@ def task_text() -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Write a proof-task evaluation set (PNG + eval.jsonl).")
+def eval_set_main(write, description: str, argv: list[str] | None = None) -> int:
+    """The eval-set writers' command line (this task's and proof_video's): --out, --n, --seed."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--seed", type=int, default=123)
     args = ap.parse_args(argv)
-    print(write_eval_set(args.out, args.n, args.seed))
+    print(write(args.out, args.n, args.seed))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return eval_set_main(write_eval_set, "Write a proof-task evaluation set (PNG + eval.jsonl).", argv)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ streams use ``[VIDEO_TRAIN_STREAM, s]``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -48,7 +47,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .proof_task import (BACKGROUND_RANGE, BOX, CENTER_Y, COLOR_JITTER, COLOR_NAMES, COLORS,
+from .proof_task import (BACKGROUND_RANGE, eval_set_main, BOX, CENTER_Y, COLOR_JITTER, COLOR_NAMES, COLORS,
                          IMAGE_SIZE, SHAPES, Y_JITTER, Scene, SceneObject, draw_scene,
                          is_correct, normalize_answer)
 
@@ -317,13 +316,7 @@ def task_text() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Write a proof-video evaluation set (PNG frames + eval.jsonl).")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--n", type=int, default=500)
-    ap.add_argument("--seed", type=int, default=123)
-    args = ap.parse_args(argv)
-    print(write_eval_set(args.out, args.n, args.seed))
-    return 0
+    return eval_set_main(write_eval_set, "Write a proof-video evaluation set (PNG frames + eval.jsonl).", argv)
 
 
 if __name__ == "__main__":
