@@ -90,23 +90,38 @@ def bundle_run(bundle: Path, image: str, question: str, tokens: int, runs: int, 
 
 def hf_run(checkpoint: Path, dtype: str, prompt_len: int, tokens: int) -> dict:
     """transformers' LLM alone, read straight from the InstructBLIP checkpoint (its
-    ``language_model.`` tensors; the rest is skipped) in ``dtype``."""
+    ``language_model.`` tensors; the rest is skipped) in ``dtype``; ``"nf4"``: bitsandbytes
+    4-bit NF4 weights as ``systems.TransformersSystem`` loads them on a CPU (fp32 compute; the
+    layers its packed kernel cannot take on its generic path)."""
     import transformers
 
     from .decode import _hf_decode
+    from .systems import _nf4_cpu_fallbacks, nf4_unavailable_reason
 
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()   # the load report lists every non-LLM tensor as unexpected
     cfg = transformers.InstructBlipConfig.from_pretrained(checkpoint, trust_remote_code=False).text_config
     auto = transformers.AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else transformers.AutoModelForCausalLM
+    kwargs = {"dtype": getattr(torch, dtype, None)}
+    if dtype == "nf4":
+        reason = nf4_unavailable_reason()
+        if reason:
+            return {"system": "transformers bnb nf4 (LLM alone)", "available": False, "reason": reason}
+        kwargs = {"dtype": torch.float32, "device_map": {"": "cpu"},
+                  "quantization_config": transformers.BitsAndBytesConfig(
+                      load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)}
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        model = auto.from_pretrained(checkpoint, config=cfg, dtype=getattr(torch, dtype), use_safetensors=True,
+        model = auto.from_pretrained(checkpoint, config=cfg, use_safetensors=True, **kwargs,
                                      key_mapping={r"^language_model\.": ""}, trust_remote_code=False).eval()
+        generic = _nf4_cpu_fallbacks(model) if dtype == "nf4" else 0
         load_s = time.perf_counter() - t0
         emb = (torch.randn(1, prompt_len, cfg.d_model if cfg.is_encoder_decoder else cfg.hidden_size) * 0.02
-               ).to(getattr(torch, dtype))
+               ).to(kwargs["dtype"])
         prefill, tps = _hf_decode(model, emb, tokens)
     per_token = hf_decode_bytes(model)
-    out = {"system": f"transformers {dtype} (LLM alone)", "load_s": round(load_s, 1), "prefill_ms": round(prefill * 1e3, 1),
+    out = {"system": f"transformers {'bnb nf4' if dtype == 'nf4' else dtype} (LLM alone)",
+           **({"nf4_generic_cpu_layers": generic} if dtype == "nf4" else {}), "load_s": round(load_s, 1), "prefill_ms": round(prefill * 1e3, 1),
            "decode_tok_s": round(tps, 3), "weight_MB_per_token": round(per_token / 1e6, 1),
            "achieved_GB_s": round(per_token * tps / 1e9, 2), **mem.record()}
     del model
@@ -115,10 +130,14 @@ def hf_run(checkpoint: Path, dtype: str, prompt_len: int, tokens: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ib_edge.runtime.quiet import quiet_libraries
+
+    quiet_libraries()   # torchao/pytree import chatter (IB_EDGE_DEBUG=1 shows it)
     ap = argparse.ArgumentParser(prog="python -m ib_edge.bench.realsize", description=__doc__.splitlines()[0])
     ap.add_argument("bundle", nargs="+", type=Path)
     ap.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint the bundles were exported from")
-    ap.add_argument("--hf-dtype", action="append", default=None, choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--hf-dtype", action="append", default=None, choices=["bfloat16", "float16", "float32", "nf4"],
+                    help="transformers baselines, one per use (default bfloat16); nf4: bitsandbytes NF4")
     ap.add_argument("--image", default=str(Path(__file__).resolve().parents[1] / "calib_data" / "photos" / "astronaut.jpg"))
     ap.add_argument("--question", default="Describe this image.")
     ap.add_argument("--tokens", type=int, default=16)
@@ -140,12 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         log(f"realsize: transformers {dt}")
         res["systems"].append(hf_run(a.checkpoint, dt, prompt_len, a.hf_tokens))
         log(json.dumps(res["systems"][-1]))
+    measured = [s for s in res["systems"] if s.get("available", True)]
     probes = memory_bandwidth(1024)
     bw, by = streaming_bound({k: v["gb_per_s"] for k, v in probes["probes"].items()},
-                             {s["system"]: s["achieved_GB_s"] for s in res["systems"]})
+                             {s["system"]: s["achieved_GB_s"] for s in measured})
     res["read_bandwidth_GB_s"], res["bound_set_by"] = round(bw, 2), by
     res["read_probes_GB_s"] = {k: v["gb_per_s"] for k, v in probes["probes"].items()}
-    for s in res["systems"]:
+    for s in measured:
         s["pct_of_bandwidth_bound"] = round(100 * s["achieved_GB_s"] / bw, 1) if s["achieved_GB_s"] == s["achieved_GB_s"] else None
         s["bound_tok_s"] = round(bw * 1e9 / (s["weight_MB_per_token"] * 1e6), 2)
     text = json.dumps(res, indent=1)

@@ -265,6 +265,9 @@ def build_checkpoint(name: str, out: str | Path, *, dtype: str = "float16", laye
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ib_edge.runtime.quiet import quiet_libraries
+
+    quiet_libraries()   # torchao/pytree import chatter (IB_EDGE_DEBUG=1 shows it)
     ap = argparse.ArgumentParser(prog="python -m ib_edge.export.real_sizes", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
     ap.add_argument("--out", required=True, type=Path)
