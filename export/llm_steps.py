@@ -10,6 +10,7 @@ import gc
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from .options import ExportError
@@ -75,10 +76,14 @@ def _validate_int4_llm(root: Path, manifest: dict, src: Path, q_dir: Path, calib
 
     heldout, held_rec = llm_quant.multimodal_examples(root, calib_set, heldout=True)
     # the fp32 reference streamed layer by layer from the stored LLM: whole, it is 27 GB at 7B
+    t0 = time.perf_counter()
+    log(f"      held-out validation: fp32 reference answers on {len(heldout)} example(s), the LLM streamed "
+        "layer by layer from its stored weights (every forward re-reads all layers: minutes at 7B)")
     fp32 = streamed.load_streamed(src)
     probe = LogitsProbe(fp32, heldout, manifest["model"]["image_token_id"])
     del fp32
     gc.collect()
+    log(f"      fp32 reference done in {time.perf_counter() - t0:.0f} s; the int4 LLM through the runtime")
     model = engines.load(q_dir)          # the engine ib-run picks by default
     d = probe.drift_stepwise(model)
     budget = INT4_VALIDATION_BUDGET
