@@ -59,15 +59,38 @@ def hf_decode_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
 
 
-def bundle_run(bundle: Path, image: str, question: str, tokens: int, runs: int, threads: int | None) -> dict:
+def bundle_run(bundle: Path, image: str, question: str, tokens: int, runs: int, threads: int | None,
+               kernel: str | None = None) -> dict:
+    """``kernel``: force the int4 LLM kernel (``IB_EDGE_LLM_KERNEL``); None: the runtime's choice."""
+    import os
+
+    from ib_edge.runtime.kernel_choice import ENV
+
     from .systems import BundleSystem
 
-    with PeakMemory() as mem:
-        t0 = time.perf_counter()
-        sys_ = BundleSystem(bundle, threads=threads)
-        load_s = time.perf_counter() - t0
-        sys_.run(image, question, max_new_tokens=4, fixed_length=True)   # warm-up
-        answers = [sys_.run(image, question, max_new_tokens=tokens, fixed_length=True) for _ in range(runs)]
+    before = os.environ.get(ENV)
+    if kernel:
+        os.environ[ENV] = kernel
+    try:
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            sys_ = BundleSystem(bundle, threads=threads)
+            load_s = time.perf_counter() - t0
+            out = _bundle_runs(sys_, bundle, image, question, tokens, runs, load_s)
+        out.update(mem.record())
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
+    del sys_
+    _trim()
+    return out
+
+
+def _bundle_runs(sys_, bundle: Path, image: str, question: str, tokens: int, runs: int, load_s: float) -> dict:
+    sys_.run(image, question, max_new_tokens=4, fixed_length=True)   # warm-up
+    answers = [sys_.run(image, question, max_new_tokens=tokens, fixed_length=True) for _ in range(runs)]
     best = min(answers, key=lambda a: a.timings_ms["total"])
     t = best.timings_ms
     n = int(t["new_tokens"])
@@ -76,15 +99,16 @@ def bundle_run(bundle: Path, image: str, question: str, tokens: int, runs: int, 
                  else t5_decode_bytes(model))
     decode_tps = (n - 1) / (t["llm_decode"] / 1e3) if n > 1 and t["llm_decode"] > 0 else float("nan")
     prompt_tokens = int(sys_.pipe.prompts.encode(question)["input_ids"].shape[1])
-    out = {"system": f"ib-edge bundle ({sys_.manifest.data['artifacts']['llm']['precision']} LLM)",
+    kernel = getattr(model, "kernel", None) or getattr(model, "engine", None)
+    out = {"system": f"ib-edge bundle ({sys_.manifest.data['artifacts']['llm']['precision']} LLM"
+                     + (f", {kernel} kernel" if kernel else "") + ")",
+           "llm_kernel": kernel, "kernel_choice": getattr(model, "kernel_choice", None),
            "bundle": str(bundle), "load_s": round(load_s, 1), "prompt_tokens": prompt_tokens, "new_tokens": n,
            "ttft_ms": round(t["preprocess"] + t["vision"] + t["qformer"] + t["llm_prefill"], 1),
            "stages_ms": {k: round(v, 1) for k, v in t.items()},
            "decode_tok_s": round(decode_tps, 3), "weight_MB_per_token": round(per_token / 1e6, 1),
-           "achieved_GB_s": round(per_token * decode_tps / 1e9, 2), **mem.record(),
+           "achieved_GB_s": round(per_token * decode_tps / 1e9, 2),
            "answer_token_ids": best.token_ids}
-    del sys_, model, answers, best
-    _trim()
     return out
 
 
@@ -144,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf-tokens", type=int, default=4)
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--llm-kernel", action="append", default=None, metavar="KERNEL",
+                    help="int4 LLM kernel(s) to time the bundle with, one run each (ort-int8, ort-fp32, torch; "
+                         "default: the runtime's own choice)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     if a.threads:
@@ -152,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     res = {"systems": [], "threads": torch.get_num_threads()}
     for b in a.bundle:
         log(f"realsize: bundle {b}")
-        res["systems"].append(bundle_run(b, a.image, a.question, a.tokens, a.runs, a.threads))
-        log(json.dumps({k: v for k, v in res["systems"][-1].items() if k != "answer_token_ids"}))
+        for kernel in a.llm_kernel or [None]:
+            res["systems"].append(bundle_run(b, a.image, a.question, a.tokens, a.runs, a.threads, kernel))
+            log(json.dumps({k: v for k, v in res["systems"][-1].items() if k != "answer_token_ids"}))
     prompt_len = res["systems"][0]["prompt_tokens"]
     for dt in a.hf_dtype or ["bfloat16"]:
         log(f"realsize: transformers {dt}")
