@@ -262,7 +262,7 @@ def llm_weight_bytes(c: Counts, llm_quant: str | None, group_size: int, runtime:
     q = int(lin * per_weight)
     resident = q + (c.llm_embed + c.llm_other) * small
     per_token = int((lin - enc) * per_weight) + (c.llm_other + c.hidden) * small
-    return {"resident": resident, "per_token": per_token}
+    return {"resident": resident, "per_token": per_token, "quantized_linears": q}
 
 
 def kv_dtype_bytes(c: Counts, llm_quant: str | None, runtime: str) -> int:
@@ -345,14 +345,29 @@ def stage_bytes(src: Source, dev: Device) -> dict:
     return {"bytes": parts, "notes": notes, "context": ctx, "per_token": w["per_token"] + kv_bytes(c, ctx, kvb)}
 
 
+def load_transient(src: Source, dev: Device) -> tuple[int, str | None]:
+    """Bytes held only while the LLM loads, on top of the steady total. The CPU int4 runtime's ort
+    engine (``runtime/ortllm.py``) hands its packed int4 arrays to ONNX Runtime, which prepacks
+    every ``MatMulNBits`` weight into buffers of its own before the arrays are dropped: one more
+    copy of the quantized linears at load (modelled: 3.32 GiB at Vicuna-7B, RTN g128). Measured
+    on the full Vicuna-7B bundle (2026-12-05, ort-fp32 kernel): VmHWM 9648 MiB against 6810 MiB
+    RSS after the answer, +2.77 GiB; ~+0.25 GiB on the 2-layer bundle."""
+    o = src.options
+    if dev.runtime != "cpu" or o.llm_quant not in ("rtn", "gptq", "awq"):
+        return 0, None
+    w = llm_weight_bytes(src.counts, o.llm_quant, o.group_size, dev.runtime)
+    return w["quantized_linears"], "int4 linears staged while ONNX Runtime prepacks them (load only)"
+
+
 def plan_device(src: Source, dev: Device) -> dict:
     s = stage_bytes(src, dev)
     total = sum(s["bytes"].values())
-    peak = total
+    transient, why = load_transient(src, dev)
+    peak = total + transient
     usable = dev.usable_bytes
     largest = max(s["bytes"], key=s["bytes"].get)
     out = {"device": dataclasses.asdict(dev), "usable_bytes": usable, "total_bytes": total,
-           "peak_bytes": peak,
+           "peak_bytes": peak, "load_transient_bytes": transient, "load_transient": why,
            "fits": peak <= usable, "headroom_bytes": usable - peak, "largest": largest,
            "stages": s["bytes"], "notes": s["notes"], "context": s["context"],
            "decode_bytes_per_token": s["per_token"]}
@@ -543,6 +558,8 @@ def render(plan: dict) -> str:
               f"{first['context']}):", "", "| stage | GiB | how |", "|---|---|---|"]
     for k, v in first["stages"].items():
         lines.append(f"| {k} | {_gib(v)} | {first['notes'][k]} |")
+    if first.get("load_transient_bytes"):
+        lines.append(f"| + at load only (in the peak) | {_gib(first['load_transient_bytes'])} | {first['load_transient']} |")
     refs = plan["assumptions"]["reference_runs"]
     lines += ["", "Usable = memory x (1 - carveout) - OS; Jetson: 5% carveout (tegrastats shows 7772 of 8192 MB "
               "visible), 1.0 GiB headless OS (assumed). Realistic = bound x the fraction of its bound a published "

@@ -26,8 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from torch import nn
+from ib_edge.runtime.threads import before_torch_import
+
+before_torch_import()   # OMP_WAIT_POLICY=PASSIVE before torch loads libgomp, as ib-run and ib-bench do
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 from .measure import PeakMemory, memory_bandwidth, streaming_bound
 

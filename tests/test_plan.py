@@ -94,6 +94,21 @@ def test_flan_t5_xl_kv_uses_decoder_layers_and_all_heads():
     assert jetson["peak_bytes"] == jetson["total_bytes"]
 
 
+def test_cpu_int4_peak_adds_the_prepack_staging_copy():
+    """ONNX Runtime prepacks MatMulNBits weights while the runtime's int4 arrays are alive: the
+    CPU int4 peak is the steady total + the quantized linears once (measured on the full
+    Vicuna-7B bundle); a Jetson's GPU runtime and the weight-only CPU runtime add nothing."""
+    src = plan.load_source("instructblip-vicuna-7b", plan.PlanOptions(precision="int8", llm_quant="rtn", context=71))
+    c = src.counts
+    host = plan.plan_device(src, plan.host_device())
+    linears = (c.llm_linear + c.llm_head) * (0.5 + 5 / 128)   # nibbles + fp32 scale + 1 B zero per 128
+    assert host["load_transient_bytes"] == int(linears)
+    assert host["peak_bytes"] == host["total_bytes"] + host["load_transient_bytes"]
+    assert 3.3 * 2**30 < host["load_transient_bytes"] < 3.7 * 2**30    # 6.5 B linears at ~4.3 bits
+    agx = plan.plan_device(src, plan.DEVICES["agx-orin-64"])
+    assert agx["peak_bytes"] == agx["total_bytes"] and agx["load_transient_bytes"] == 0
+
+
 def test_plan_of_a_bundle_uses_its_files(bundle_dir):
     b = bundle_dir("llama")
     m = json.loads((b / "manifest.json").read_text())
