@@ -646,7 +646,13 @@ def model_card(info: dict) -> str:
     budget = (f", stopped by its wall-time budget of {s['budget_min']:g} min (the cosine schedule follows"
               f" elapsed time)" if s.get("budget_min") else "")
     if s.get("budget_cpu_min"):
-        budget = (f", stopped by its CPU-time budget of {s['budget_cpu_min']:g} min summed over all processes"
+        cpu_min, wall_min = info["train_cpu_s"] / 60, info["train_wall_s"] / 60
+        by_wall = s.get("budget_min") and cpu_min < s["budget_cpu_min"] and wall_min >= s["budget_min"] * 0.99
+        budget = (f", with a CPU-time budget of {s['budget_cpu_min']:g} min summed over all processes"
+                  f" ({s['budget_cpu_min'] / 2:g} min on 2 cores) and a wall-time cap of {s['budget_min']:g} min, stopped"
+                  f" by the wall-time cap after {cpu_min:.1f} CPU-min (the cosine schedule follows whichever fraction"
+                  f" is larger)" if by_wall else
+                  f", stopped by its CPU-time budget of {s['budget_cpu_min']:g} min summed over all processes"
                   f" ({s['budget_cpu_min'] / 2:g} min on 2 cores; the cosine schedule follows the CPU time spent)")
     bar = ("" if ev["accuracy"] >= 0.95 and min(v["accuracy"] for v in ev["per_type"].values()) >= 0.90 else
            "\n**Below issue 18's bar** (>= 95% overall, >= 90% per question type): see the table.\n")
@@ -703,7 +709,7 @@ Wall time {info['train_wall_s'] / 60:.1f} min, CPU time {info['train_cpu_s'] / 6
 ({info['train_s_per_step']} s/step wall, periodic validation included), on a 2-core AMD EPYC shared
 with other work (load average {info.get('loadavg_start', ['?'])[0]} at the start,
 {info['loadavg_end'][0]:.1f} at the end).
-Versions: {', '.join(f'{k} {v}' for k, v in info['versions'].items())}.
+{info['note'] + chr(10) if info.get('note') else ''}Versions: {', '.join(f'{k} {v}' for k, v in info['versions'].items())}.
 
 ## Held-out accuracy
 
