@@ -25,7 +25,9 @@ it), trained on ``ib_edge.bench.proof_video`` with the recipe of ``train_proof``
   last prompt position naming every shape kind's motion and first frame (``track_targets``).
 * AdamW, warm-up then cosine, clipping 1.0, ``torch.set_num_threads(threads)``; ``--workers N``
   data-parallel processes (gloo all-reduce of the gradients, one data stream each); with
-  ``budget_min`` the schedule follows elapsed wall time and training stops at the budget. Wall
+  ``budget_min`` the schedule follows elapsed wall time and training stops at the budget, with
+  ``budget_cpu_min`` the same for the CPU time of all processes together (so "40 minutes on 2
+  cores" = 80 CPU-minutes holds whatever else loads the machine). Wall
   and CPU time (all processes) and the load average are recorded.
 * Measured here (2 shared cores, load average 12-18): one process with 2 threads ran 6.1 s/step
   against 0.58 s/step with 1 thread (batch 8, side by side), hence ``--threads 1``.
@@ -69,7 +71,15 @@ class VideoTrainSpec:
     frame_aux_weight: float = 1.0  # per-frame classifier/regressor on the Q-Former queries; 0: off
     track_aux_weight: float = 0.0  # classifier on the LLM's last prompt position naming every shape's motion and first frame; 0: off
     budget_min: float = 0.0       # >0: stop after this many minutes of training (the lr schedule follows time)
+    budget_cpu_min: float = 0.0   # >0: stop when the CPU time of all processes together reaches this many minutes
+                                  # (80 = 40 min on 2 cores, whatever else runs on them); the lr schedule follows it
+    frame_pool: int = 0           # 1: the per-frame head reads the frame's *mean* projected query (LLM input space,
+                                  # what attention can pool), not the flattened Q-Former outputs
+    frame_y: int = 0              # 1: the per-frame head also regresses each shape's box-centre y (upper/lower order)
+    delta_aux_weight: float = 0.0  # head on the LLM's first-layer output at every video token of frames 2-4: each
+                                   # shape kind's motion (left/right/still) from this frame and the ones before; 0: off
     freeze_vision: int = 0        # 1: proof-llama's vision encoder stays fixed (no backward through it)
+    vision_lr_scale: float = 1.0  # the vision encoder's lr relative to the rest (when not frozen)
     # proof_video.QUESTION_TYPES order: motion, later, frames, color, describe
     type_weights: tuple = (1.5, 1.0, 1.5, 0.5, 1.5)
 
@@ -232,13 +242,15 @@ N_SHAPES = len(pt.SHAPES)
 FRAME_CLASSES = 1 + len(pt.COLOR_NAMES)   # absent, or the shape's colour
 
 
-def frame_targets(scenes):
+def frame_targets(scenes, with_y: bool = False):
     """Per frame (clip-major, as the model flattens them), for each shape kind: class (0 absent,
-    else 1 + colour) and box-centre x / IMAGE_SIZE (NaN when absent)."""
+    else 1 + colour) and box-centre x / IMAGE_SIZE (NaN when absent); ``with_y``: also box-centre
+    y / IMAGE_SIZE."""
     import torch
     n = len(scenes) * pv.NUM_FRAMES
     cls = torch.zeros(n, N_SHAPES, dtype=torch.long)
     xs = torch.full((n, N_SHAPES), float("nan"))
+    ys = torch.full((n, N_SHAPES), float("nan"))
     for i, scene in enumerate(scenes):
         for t in range(pv.NUM_FRAMES):
             for s in scene.shapes:
@@ -246,7 +258,25 @@ def frame_targets(scenes):
                     k = pt.SHAPES.index(s.shape)
                     cls[i * pv.NUM_FRAMES + t, k] = 1 + pt.COLOR_NAMES.index(s.color)
                     xs[i * pv.NUM_FRAMES + t, k] = s.cx(t) / pt.IMAGE_SIZE
-    return cls, xs
+                    ys[i * pv.NUM_FRAMES + t, k] = s.cy / pt.IMAGE_SIZE
+    return (cls, xs, ys) if with_y else (cls, xs)
+
+
+DELTA_CLASSES = 3   # left, right, still
+
+
+def delta_targets(scenes, num_query_tokens: int):
+    """(clips, (NUM_FRAMES - 1) * num_query_tokens, shape kinds): for every video token of frames
+    2..4 (0-based t >= 1), each shape kind's motion class (0 left, 1 right, 2 still) when that shape
+    is shown in frame t and in frame t - 1 (so the frames up to t show its motion), else -100."""
+    import torch
+    t_ = torch.full((len(scenes), pv.NUM_FRAMES - 1, N_SHAPES), -100, dtype=torch.long)
+    for i, scene in enumerate(scenes):
+        for s in scene.shapes:
+            k = pt.SHAPES.index(s.shape)
+            for t in range(max(1, s.first + 1), pv.NUM_FRAMES):
+                t_[i, t - 1, k] = 0 if s.step < 0 else 1 if s.step > 0 else 2
+    return t_.repeat_interleave(num_query_tokens, dim=1)
 
 
 TRACK_CLASSES = 4   # motion: absent, left, right, still; first frame: absent, 1, 2, 3
@@ -366,20 +396,29 @@ def _run(rank: int, kw: dict, log) -> dict:
             p.requires_grad_(False)
     grid = ispec.image_size // ispec.patch_size
     patch_head = torch.nn.Linear(ispec.vision_hidden, tp.AUX_CLASSES) if spec.aux_weight else None
-    frame_head = (torch.nn.Linear(Q * ispec.qformer_hidden, N_SHAPES * (FRAME_CLASSES + 1))
-                  if spec.frame_aux_weight else None)
+    frame_out = FRAME_CLASSES + 1 + (1 if spec.frame_y else 0)
+    frame_in = ispec.text_hidden if spec.frame_pool else Q * ispec.qformer_hidden
+    frame_head = torch.nn.Linear(frame_in, N_SHAPES * frame_out) if spec.frame_aux_weight else None
+    delta_head = (torch.nn.Linear(ispec.text_hidden, N_SHAPES * DELTA_CLASSES)
+                  if spec.delta_aux_weight else None)
     track_head = (torch.nn.Linear(ispec.text_hidden, N_SHAPES * 2 * TRACK_CLASSES)
                   if spec.track_aux_weight else None)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    for i, head in enumerate((patch_head, frame_head, track_head)):
+    for i, head in enumerate((patch_head, frame_head, track_head, delta_head)):
         if head is not None:
             params += [(f"aux{i}.{n}", p) for n, p in head.named_parameters()]
-    decay = [p for n, p in params if p.ndim >= 2 and "query_tokens" not in n]
-    no_decay = [p for n, p in params if p.ndim < 2 or "query_tokens" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=(0.9, 0.98))
+    groups = []
+    for vision in (False, True):
+        mine = [(n, p) for n, p in params if n.startswith("vision_model.") == vision]
+        scale = spec.vision_lr_scale if vision else 1.0
+        groups += [{"params": [p for n, p in mine if p.ndim >= 2 and "query_tokens" not in n],
+                    "weight_decay": spec.weight_decay, "lr_scale": scale},
+                   {"params": [p for n, p in mine if p.ndim < 2 or "query_tokens" in n],
+                    "weight_decay": 0.0, "lr_scale": scale}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, betas=(0.9, 0.98))
     t0, c0 = time.time(), time.process_time()
     budget = spec.budget_min * 60.0
+    cpu_budget = spec.budget_cpu_min * 60.0
 
     def progress(step: int) -> float:
         """Fraction of training done: of the steps, or of the wall-time budget if that runs out first."""
@@ -403,10 +442,16 @@ def _run(rank: int, kw: dict, log) -> dict:
         run[name] = v if name not in run else 0.98 * run[name] + 0.02 * v
 
     def synced_progress(step: int) -> float:
-        """progress(step), the same on every rank (the largest), so the lr and the stop agree."""
+        """progress(step), the same on every rank (the largest), so the lr and the stop agree; with
+        ``budget_cpu_min`` also the CPU time of all ranks together over that budget."""
         p = torch.tensor([progress(step)], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(p, op=dist.ReduceOp.MAX)
+        if cpu_budget:
+            c = torch.tensor([time.process_time() - c0], dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(c)
+            p = torch.maximum(p, c / cpu_budget)
         return float(p)
 
     trainable = [p for _, p in params]
@@ -417,7 +462,7 @@ def _run(rank: int, kw: dict, log) -> dict:
             break
         lr = spec.lr * lr_factor(p_now)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
         step += 1
         model.train()
         td = time.time()
@@ -425,7 +470,7 @@ def _run(rank: int, kw: dict, log) -> dict:
         examples = [pv.make_example(rng, pv.QUESTION_TYPES[int(t)], return_scene=True) for t in types]
         batch = collate(examples, llm_tok, qformer_tok, proc, Q)
         data_time += time.time() - td
-        res = model(**batch, output_hidden_states=track_head is not None)
+        res = model(**batch, output_hidden_states=track_head is not None or delta_head is not None)
         loss = res.loss
         smooth("loss", res.loss.item())
         scenes = [e["scene"] for e in examples]
@@ -436,14 +481,25 @@ def _run(rank: int, kw: dict, log) -> dict:
             loss = loss + spec.aux_weight * aux
         if frame_head is not None:
             queries = res.qformer_outputs.last_hidden_state[:, :Q]
-            pred = frame_head(queries.flatten(1)).view(-1, N_SHAPES, FRAME_CLASSES + 1)
-            cls, xs = frame_targets(scenes)
+            feats = model.language_projection(queries).mean(1) if spec.frame_pool else queries.flatten(1)
+            pred = frame_head(feats).view(-1, N_SHAPES, frame_out)
+            cls, xs, ys = frame_targets(scenes, with_y=True)
             ce = torch.nn.functional.cross_entropy(pred[..., :FRAME_CLASSES].flatten(0, 1), cls.flatten())
             present = ~torch.isnan(xs)
             mse = ((pred[..., FRAME_CLASSES][present] - xs[present]) ** 2).mean() * 100.0
             smooth("frame_ce", ce.item())
             smooth("x_mse", mse.item() / 100.0)
+            if spec.frame_y:
+                ymse = ((pred[..., FRAME_CLASSES + 1][present] - ys[present]) ** 2).mean() * 100.0
+                smooth("y_mse", ymse.item() / 100.0)
+                mse = mse + ymse
             loss = loss + spec.frame_aux_weight * (ce + mse)
+        if delta_head is not None:
+            first_layer = res.language_model_outputs.hidden_states[1][:, Q:Q * pv.NUM_FRAMES]  # frames 2-4
+            logits = delta_head(first_layer).view(-1, DELTA_CLASSES)
+            dce = torch.nn.functional.cross_entropy(logits, delta_targets(scenes, Q).flatten(), ignore_index=-100)
+            smooth("delta", dce.item())
+            loss = loss + spec.delta_aux_weight * dce
         if track_head is not None:
             hidden = res.language_model_outputs.hidden_states[-1]
             last = (batch["labels"] != -100).int().argmax(dim=1) - 1   # the position predicting the answer's first token
@@ -485,7 +541,15 @@ def _run(rank: int, kw: dict, log) -> dict:
         dist.destroy_process_group()
         if rank:
             return {}
-    log(f"trained {step} steps in {train_wall:.0f}s wall, {train_cpu:.0f}s CPU ({world} process(es))")
+    log(f"trained {step} steps in {train_wall:.0f}s wall, {train_cpu:.0f}s CPU ({world} process(es)), "
+        f"load {os.getloadavg()[0]:.2f}")
+    if val_n:
+        r = evaluate(model, llm_tok, qformer_tok, proc, val)
+        history.append({"step": step, "loss": run["loss"], "val_accuracy": r["accuracy"],
+                        "per_type": {t: v["accuracy"] for t, v in r["per_type"].items()},
+                        "elapsed_s": round(time.time() - t0, 1), "final": True})
+        log(f"  val final ({val_n}, seed {VAL_SEED}) @{step}: {r['accuracy']:.3f} "
+            + " ".join(f"{t}={v['accuracy']:.2f}" for t, v in r["per_type"].items()))
     spec = dataclasses.replace(spec, steps=step)
     model.eval()
 
@@ -497,7 +561,7 @@ def _run(rank: int, kw: dict, log) -> dict:
             "train_wall_s": round(train_wall, 1), "train_cpu_s": round(train_cpu, 1),
             "train_s_per_step": round(train_wall / spec.steps, 3), "threads": threads, "workers": world,
             "loadavg_start": load_start, "loadavg_end": [round(v, 2) for v in os.getloadavg()], "val_history": history, "versions": tp._versions(),
-            "command": _command(out, seed, steps, overrides, threads, init, world), "init": str(init) if init else None}
+            "command": _command(out, seed, steps, overrides, threads, init, world, val_every, val_n), "init": str(init) if init else None}
     (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     if eval_n:
         info = score(out, info, eval_n, log)
@@ -530,12 +594,16 @@ def score(out: Path, info: dict, eval_n: int = EVAL_N, log=print) -> dict:
     return info
 
 
-def _command(out, seed, steps, overrides=None, threads=2, init=INIT, workers=1) -> str:
+def _command(out, seed, steps, overrides=None, threads=2, init=INIT, workers=1, val_every=500, val_n=100) -> str:
     cmd = f"python -m ib_edge.bench.train_proof_video --out {out} --seed {seed}"
     if threads != 2:
         cmd += f" --threads {threads}"
     if workers != 1:
         cmd += f" --workers {workers}"
+    if val_every != 500:   # validation runs inside the timed (and CPU-budgeted) loop
+        cmd += f" --val-every {val_every}"
+    if val_n != 100:
+        cmd += f" --val-n {val_n}"
     if steps is not None:
         cmd += f" --steps {steps}"
     for k, v in (overrides or {}).items():
@@ -561,7 +629,15 @@ def model_card(info: dict) -> str:
     ispec = image_spec()
     rows = "\n".join(f"| {t} | {v['n']} | {100 * v['accuracy']:.1f}% |" for t, v in ev["per_type"].items())
     frozen = (" The vision encoder stayed frozen at proof-llama's weights (no backward through it)."
-              if s.get("freeze_vision") else "")
+              if s.get("freeze_vision") else
+              f" The vision encoder trained too, at {s.get('vision_lr_scale', 1.0):g} x the lr."
+              if s.get("vision_lr_scale", 1.0) != 1.0 else "")
+    frame_in = ("the frame's mean query output after `language_projection` (the LLM's input space, what its"
+                " attention can pool)" if s.get("frame_pool") else "the flattened Q-Former query outputs")
+    frame_what = "its x and y position" if s.get("frame_y") else "its x position"
+    delta = (f"; a classifier on the LLM's first-layer output at every video token of frames 2-4 naming each"
+             f" shape kind's motion as seen up to that frame (weight {s['delta_aux_weight']})"
+             if s.get("delta_aux_weight") else "")
     patch = (f" a per-frame patch classifier on the vision output (which shape and colour is centred in"
              f" each patch, weight {s['aux_weight']}) and" if s.get("aux_weight") and not s.get("freeze_vision") else "")
     track = (f" and a classifier on the LLM's last prompt position naming every shape kind's motion and"
@@ -569,6 +645,15 @@ def model_card(info: dict) -> str:
              if s.get("track_aux_weight") else "; the LLM learns the temporal part from the language loss alone")
     budget = (f", stopped by its wall-time budget of {s['budget_min']:g} min (the cosine schedule follows"
               f" elapsed time)" if s.get("budget_min") else "")
+    if s.get("budget_cpu_min"):
+        cpu_min, wall_min = info["train_cpu_s"] / 60, info["train_wall_s"] / 60
+        by_wall = s.get("budget_min") and cpu_min < s["budget_cpu_min"] and wall_min >= s["budget_min"] * 0.99
+        budget = (f", with a CPU-time budget of {s['budget_cpu_min']:g} min summed over all processes"
+                  f" ({s['budget_cpu_min'] / 2:g} min on 2 cores) and a wall-time cap of {s['budget_min']:g} min, stopped"
+                  f" by the wall-time cap after {cpu_min:.1f} CPU-min (the cosine schedule follows whichever fraction"
+                  f" is larger)" if by_wall else
+                  f", stopped by its CPU-time budget of {s['budget_cpu_min']:g} min summed over all processes"
+                  f" ({s['budget_cpu_min'] / 2:g} min on 2 cores; the cosine schedule follows the CPU time spent)")
     bar = ("" if ev["accuracy"] >= 0.95 and min(v["accuracy"] for v in ev["per_type"].values()) >= 0.90 else
            "\n**Below issue 18's bar** (>= 95% overall, >= 90% per question type): see the table.\n")
     return f"""# proof-video-llama: InstructBlipVideo proof model (Llama-style LLM)
@@ -617,14 +702,14 @@ fly from `proof_video.train_rng({info['seed']})` (never the evaluation streams; 
 weighted {dict(zip(pv.QUESTION_TYPES, s['type_weights']))}), AdamW (peak lr {s['lr']}, warm-up
 then cosine, weight decay {s['weight_decay']}), gradient clipping 1.0, {info['threads']} CPU
 thread(s) per process.{frozen} Training-only auxiliary heads, not part of the checkpoint:{patch} a per-frame
-classifier/regressor on the Q-Former query outputs (for each shape kind: absent or its colour,
-and its x position; weight {s['frame_aux_weight']}){track}.
+classifier/regressor on {frame_in} (for each shape kind: absent or its colour,
+and {frame_what}; weight {s['frame_aux_weight']}){delta}{track}.
 
 Wall time {info['train_wall_s'] / 60:.1f} min, CPU time {info['train_cpu_s'] / 60:.1f} min (all processes)
 ({info['train_s_per_step']} s/step wall, periodic validation included), on a 2-core AMD EPYC shared
 with other work (load average {info.get('loadavg_start', ['?'])[0]} at the start,
 {info['loadavg_end'][0]:.1f} at the end).
-Versions: {', '.join(f'{k} {v}' for k, v in info['versions'].items())}.
+{info['note'] + chr(10) if info.get('note') else ''}Versions: {', '.join(f'{k} {v}' for k, v in info['versions'].items())}.
 
 ## Held-out accuracy
 
