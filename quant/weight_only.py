@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -119,7 +120,8 @@ def sensitivities(swapper: Swapper, measure, log=lambda m: None) -> list[dict]:
     in_features the group size does not divide cannot be int4 and are listed as such."""
     out = []
     swapper.restore()
-    for name, lin in swapper.fp32.items():
+    total, t0, said = len(swapper.fp32), time.perf_counter(), 0.0
+    for i, (name, lin) in enumerate(swapper.fp32.items(), 1):
         if not int4_supported(lin, swapper.group_size):
             out.append({"name": name, "int4": False})
             continue
@@ -127,6 +129,11 @@ def sensitivities(swapper: Swapper, measure, log=lambda m: None) -> list[dict]:
         d = measure()
         swapper.set(name, "fp32")
         out.append({"name": name, "int4": True, **d.to_json()})
+        spent = time.perf_counter() - t0
+        if spent - said >= 60 or (i == 1 and total > 20):   # progress on long searches (minutes per model)
+            said = spent
+            log(f"      int4 sensitivity: {i}/{total} linears in {spent:.0f} s "
+                f"(~{spent / i * (total - i) / 60:.0f} min left for this pass)")
     out.sort(key=lambda r: (not r["int4"], r.get("logits_cosine_mean", 0), r.get("top1_agreement", 0)))
     for r in out[:5]:
         if r["int4"]:
