@@ -211,6 +211,18 @@ def is_correct(prediction: str, answer: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(answer)
 
 
+def correct_by_type(predictions, examples) -> dict[str, list[bool]]:
+    """{question type: [is_correct per example]} of predictions against their examples."""
+    per_type: dict[str, list[bool]] = {}
+    for p, ex in zip(predictions, examples):
+        per_type.setdefault(ex["type"], []).append(is_correct(p, ex["answer"]))
+    return per_type
+
+
+def accuracy_percent(predictions, examples) -> float:
+    return 100.0 * sum(sum(v) for v in correct_by_type(predictions, examples).values()) / len(examples)
+
+
 def eval_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([EVAL_STREAM, seed, index])
 

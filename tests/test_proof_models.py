@@ -50,15 +50,8 @@ def predictions(proof_bundle, eval_examples):
     return get
 
 
-def _score(preds, examples):
-    per_type: dict[str, list[bool]] = {}
-    for p, ex in zip(preds, examples):
-        per_type.setdefault(ex["type"], []).append(proof_task.is_correct(p, ex["answer"]))
-    return per_type
-
-
-def _accuracy(preds, examples) -> float:
-    return 100.0 * sum(sum(v) for v in _score(preds, examples).values()) / len(examples)
+_score = proof_task.correct_by_type
+_accuracy = proof_task.accuracy_percent
 
 
 @pytest.mark.parametrize("name", PROOF_MODELS)
