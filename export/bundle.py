@@ -157,7 +157,7 @@ def export_bundle(model_ref: str | None, out: Path, **options) -> Path:
         if llm_quant in WEIGHT_ONLY:
             step("llm")
             manifest["artifacts"]["llm"] = weight_only_bundle_llm(tmp, manifest, llm_quant, group_size, calib_set,
-                                                                  log, plan=llm_plan)
+                                                                  log, plan=llm_plan, search=o.llm_search)
         elif llm_quant:
             step("llm")
             manifest["artifacts"]["llm"] = quantize_bundle_llm(tmp, manifest, llm_quant, group_size, calib_set, log,

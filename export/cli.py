@@ -1,7 +1,7 @@
 """ib-export: turn an InstructBLIP checkpoint into a deploy bundle.
 
     ib-export [MODEL] [--out DIR] [--video] [--precision fp32|fp16|int8] [--calib DIR] [--recipe DIR]
-              [--llm-quant rtn|gptq|awq|int8|mixed] [--llm-calib multimodal|text] [--llm-validation enforce|record] [--llm-plan PATH] [--revision REV] [--opset 18]
+              [--llm-quant rtn|gptq|awq|int8|mixed] [--llm-calib multimodal|text] [--llm-validation enforce|record] [--llm-plan PATH] [--llm-search auto|linear|block] [--revision REV] [--opset 18]
 
 MODEL is a shipped proof model (proof-llama, the default; proof-t5), a local checkpoint
 directory, or a hub id such as Salesforce/instructblip-vicuna-7b. An InstructBlipVideo checkpoint

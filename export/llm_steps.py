@@ -99,7 +99,7 @@ def _validate_int4_llm(root: Path, manifest: dict, src: Path, q_dir: Path, calib
 
 
 def weight_only_bundle_llm(root: Path, manifest: dict, mode: str, group_size: int, calib_set, log,
-                           plan: dict | None = None) -> dict:
+                           plan: dict | None = None, search: str = "auto") -> dict:
     """Weight-only LLM for any family: "int8" (every linear int8) or "mixed" (each linear int4,
     int8 or fp32 as the measured-drift search chose; ``plan`` re-applies a saved one). The probe
     runs on the bundle's own query embeddings + instructions (calibration split); the written
@@ -117,7 +117,7 @@ def weight_only_bundle_llm(root: Path, manifest: dict, mode: str, group_size: in
         probe = LogitsProbe(model, examples, image_id)
         log(f"      {mode}: measuring logits drift on {probe.tokens} calibration tokens "
             f"({len(examples)} multimodal examples, fp32 greedy answers teacher-forced)")
-        plan = weight_only.make_plan(model, probe, mode, group_size, log)
+        plan = weight_only.make_plan(model, probe, mode, group_size, log, search)
         plan["calibration"] = calib_rec
     else:
         log(f"      re-applying the saved plan ({plan['mode']}, group size {plan['group_size']})")

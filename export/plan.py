@@ -71,6 +71,9 @@ def plan_export(model_ref: str | None, out: str | Path, opts: ExportOptions) -> 
         raise ExportError(f"--llm-calib {o.llm_calib!r} is not one of {', '.join(LLM_CALIB)}")
     if o.llm_calib != "multimodal" and o.llm_quant not in ("gptq", "awq"):
         raise ExportError("--llm-calib chooses GPTQ/AWQ calibration data; use it with --llm-quant gptq or awq")
+    if o.llm_search != "auto" and (o.llm_quant != "mixed" or o.llm_plan is not None):
+        raise ExportError("--llm-search sets the unit of the mixed 4/8-bit search; use it with --llm-quant mixed "
+                          "and without --llm-plan")
     llm_plan = None
     if o.llm_plan is not None:
         if o.llm_quant != "mixed":

@@ -3,10 +3,12 @@ each linear chosen by measured logits drift.
 
 Search apart from apply (llm-awq style):
 
-- ``sensitivities``: each ``nn.Linear`` (lm_head included) alone in int4 (RTN,
-  ``quant.int4.quantize_rtn``) on the real CPU kernel, everything else fp32; the drift of the
-  LLM's logits against fp32 on calibration tokens.
-- ``search_plan``: start all-int4, promote the most sensitive linears to int8 one at a time
+- ``sensitivities``: each search unit alone in int4 (RTN, ``quant.int4.quantize_rtn``) on the
+  real CPU kernel, everything else fp32; the drift of the LLM's logits against fp32 on
+  calibration tokens. A unit is one ``nn.Linear`` (lm_head included), or on big models one
+  transformer block's linears together (``units``): one teacher-forced fp32 forward per unit
+  costs 13 s at Flan-T5-XL on 2 cores, so per linear (433) is ~95 min, per block (49) ~11 min.
+- ``search_plan``: start all-int4, promote the most sensitive units to int8 one at a time
   (then to fp32, only if all-int8 is not enough) until the search budget holds. The result is
   a small JSON plan {linear: "int4"|"int8"|"fp32"} plus the sensitivities and the drift achieved.
 - ``plan_tensors`` / ``save_weight_only``: apply a plan deterministically and write the
@@ -38,6 +40,9 @@ from .logits_probe import LogitsProbe
 PLAN_FORMAT = "ib-edge-weight-only-plan"
 PLAN_FILE = "quant_plan.json"
 MODES = ("int8", "mixed")
+SEARCH_UNITS = ("auto", "linear", "block")
+# --llm-search auto: per linear when that pass is measured to take at most this long, else per block
+AUTO_LINEAR_PASS_S = 600.0
 
 
 class WeightOnlyError(IbEdgeError):
@@ -115,25 +120,57 @@ class Swapper:
 
 
 # --- search ------------------------------------------------------------------------------------
-def sensitivities(swapper: Swapper, measure, log=lambda m: None) -> list[dict]:
-    """Each linear alone in int4 (the rest fp32): its drift, most sensitive first. Linears whose
-    in_features the group size does not divide cannot be int4 and are listed as such."""
+def unit_of(name: str, granularity: str) -> str:
+    """The search unit of linear ``name``: itself ("linear"), or ("block") its path up to the
+    first numeric component, i.e. its transformer block (``encoder.block.3``, ``model.layers.7``);
+    a linear outside any block (lm_head) is its own unit."""
+    if granularity == "linear":
+        return name
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[:i + 1])
+    return name
+
+
+def units(names: list[str], granularity: str) -> dict[str, list[str]]:
+    """Search units in module order: {unit: [its linears]}."""
+    if granularity not in SEARCH_UNITS[1:]:
+        raise WeightOnlyError(f"search unit {granularity!r} is not one of {', '.join(SEARCH_UNITS[1:])}")
+    out: dict[str, list[str]] = {}
+    for n in names:
+        out.setdefault(unit_of(n, granularity), []).append(n)
+    return out
+
+
+def _int4_linears(swapper: Swapper, linears: list[str]) -> list[str]:
+    return [n for n in linears if int4_supported(swapper.fp32[n], swapper.group_size)]
+
+
+def sensitivities(swapper: Swapper, measure, log=lambda m: None, granularity: str = "linear") -> list[dict]:
+    """Each unit's int4-capable linears alone in int4 (the rest fp32): its drift, most
+    sensitive first. Units with no linear the group size divides (in_features) cannot be int4
+    and are listed as such."""
     out = []
     swapper.restore()
-    total, t0, said = len(swapper.fp32), time.perf_counter(), 0.0
-    for i, (name, lin) in enumerate(swapper.fp32.items(), 1):
-        if not int4_supported(lin, swapper.group_size):
-            out.append({"name": name, "int4": False})
+    groups = units(list(swapper.fp32), granularity)
+    total, t0, said = len(groups), time.perf_counter(), 0.0
+    for i, (unit, linears) in enumerate(groups.items(), 1):
+        four = _int4_linears(swapper, linears)
+        rec = {"name": unit} if granularity == "linear" else {"name": unit, "linears": len(linears),
+                                                              "int4_linears": len(four)}
+        if not four:
+            out.append({**rec, "int4": False})
             continue
-        swapper.set(name, "int4")
+        swapper.apply({n: "int4" for n in four})
         d = measure()
-        swapper.set(name, "fp32")
-        out.append({"name": name, "int4": True, **d.to_json()})
+        swapper.apply({n: "fp32" for n in four})
+        out.append({**rec, "int4": True, **d.to_json()})
         spent = time.perf_counter() - t0
         if spent - said >= 60 or (i == 1 and total > 20):   # progress on long searches (minutes per model)
             said = spent
-            log(f"      int4 sensitivity: {i}/{total} linears in {spent:.0f} s "
-                f"(~{spent / i * (total - i) / 60:.0f} min left for this pass)")
+            log(f"      int4 sensitivity: {i}/{total} {'linears' if granularity == 'linear' else 'blocks'} in "
+                f"{spent:.0f} s (~{spent / i * (total - i) / 60:.0f} min left for this pass)")
     out.sort(key=lambda r: (not r["int4"], r.get("logits_cosine_mean", 0), r.get("top1_agreement", 0)))
     for r in out[:5]:
         if r["int4"]:
@@ -142,11 +179,14 @@ def sensitivities(swapper: Swapper, measure, log=lambda m: None) -> list[dict]:
     return out
 
 
-def search_plan(swapper: Swapper, measure, budget: LogitsBudget = SEARCH_BUDGET, log=lambda m: None) -> dict:
-    """All-int4 first, then promote in sensitivity order to int8, then (only if all-int8 misses
-    the budget) to fp32, measuring after each promotion, until ``budget`` holds."""
-    sens = sensitivities(swapper, measure, log)
-    plan = {r["name"]: "int4" if r["int4"] else "int8" for r in sens}
+def search_plan(swapper: Swapper, measure, budget: LogitsBudget = SEARCH_BUDGET, log=lambda m: None,
+                granularity: str = "linear") -> dict:
+    """All-int4 first, then promote units in sensitivity order to int8, then (only if all-int8
+    misses the budget) to fp32, measuring after each promotion, until ``budget`` holds."""
+    sens = sensitivities(swapper, measure, log, granularity)
+    groups = units(list(swapper.fp32), granularity)
+    four = {n for linears in groups.values() for n in _int4_linears(swapper, linears)}
+    plan = {n: "int4" if n in four else "int8" for n in swapper.fp32}
     swapper.apply(plan)
     start = d = measure()
     promoted = []
@@ -154,11 +194,16 @@ def search_plan(swapper: Swapper, measure, budget: LogitsBudget = SEARCH_BUDGET,
         for r in sens:
             if not budget.violations(d, ""):
                 break
-            if LINEAR_PRECISIONS.index(plan[r["name"]]) < LINEAR_PRECISIONS.index(target):
-                plan[r["name"]] = target
-                swapper.set(r["name"], target)
+            up = [n for n in groups[r["name"]]
+                  if LINEAR_PRECISIONS.index(plan[n]) < LINEAR_PRECISIONS.index(target)]
+            if up:
+                plan.update({n: target for n in up})
+                swapper.apply({n: target for n in up})
                 d = measure()
                 promoted.append({"name": r["name"], "to": target, **d.to_json()})
+                if len(promoted) % 10 == 0:
+                    log(f"      promoted {len(promoted)} {'linears' if granularity == 'linear' else 'blocks'}: "
+                        f"logits cosine {d.cosine_mean:.5f}, decided top-1 {d.top1_decided:.4f}")
     bad = budget.violations(d, "LLM search")
     swapper.restore()
     if bad:
@@ -171,8 +216,25 @@ def search_plan(swapper: Swapper, measure, budget: LogitsBudget = SEARCH_BUDGET,
             "order": order}
 
 
-def make_plan(model: nn.Module, probe: LogitsProbe, mode: str, group_size: int, log=lambda m: None) -> dict:
-    """The plan record for ``mode`` ("int8": every linear int8; "mixed": searched)."""
+def choose_granularity(n_linears: int, n_blocks: int, seconds_per_measure: float, asked: str = "auto") -> tuple[str, str]:
+    """(unit, why) for ``--llm-search``: "auto" searches per linear when that pass (one measured
+    forward per linear) takes at most ``AUTO_LINEAR_PASS_S``, else per block."""
+    if asked not in SEARCH_UNITS:
+        raise WeightOnlyError(f"--llm-search {asked!r} is not one of {', '.join(SEARCH_UNITS)}")
+    est = n_linears * seconds_per_measure
+    if asked != "auto":
+        return asked, f"asked (--llm-search {asked})"
+    if est <= AUTO_LINEAR_PASS_S:
+        return "linear", (f"{n_linears} linears x {seconds_per_measure:.2f} s per measured forward = "
+                          f"~{est / 60:.1f} min <= {AUTO_LINEAR_PASS_S / 60:.0f} min")
+    return "block", (f"{n_linears} linears x {seconds_per_measure:.2f} s per measured forward = ~{est / 60:.0f} min "
+                     f"> {AUTO_LINEAR_PASS_S / 60:.0f} min; {n_blocks} blocks instead")
+
+
+def make_plan(model: nn.Module, probe: LogitsProbe, mode: str, group_size: int, log=lambda m: None,
+              search: str = "auto") -> dict:
+    """The plan record for ``mode`` ("int8": every linear int8; "mixed": searched, per linear or
+    per block as ``search`` says or ``choose_granularity`` decides)."""
     if mode not in MODES:
         raise WeightOnlyError(f"weight-only mode {mode!r} is not one of {', '.join(MODES)}")
     names = linear_names(model)
@@ -184,7 +246,13 @@ def make_plan(model: nn.Module, probe: LogitsProbe, mode: str, group_size: int, 
         sw.restore()
         rec = {"precisions": {n: "int8" for n in names}, "drift": d.to_json()}
     else:
-        rec = search_plan(sw, measure, SEARCH_BUDGET, log)
+        t0 = time.perf_counter()
+        measure()                                   # fp32 against itself: times one measured forward
+        per = time.perf_counter() - t0
+        unit, why = choose_granularity(len(names), len(units(names, "block")), per, search)
+        log(f"      mixed search per {unit}: {why}")
+        rec = search_plan(sw, measure, SEARCH_BUDGET, log, unit)
+        rec["search"] = {"unit": unit, "why": why, "seconds_per_measure": round(per, 3)}
     return {"format": PLAN_FORMAT, "version": 1, "mode": mode, "group_size": group_size,
             "calibration_tokens": probe.tokens, **rec}
 

@@ -133,6 +133,82 @@ def test_search_promotes_the_sensitive_layer_only_when_needed(outlier_model):
     assert "int4" not in rec["precisions"].values()
 
 
+class _Blocks(nn.Module):
+    """Three blocks of two 64x64 linears (``layers.i.a`` -> tanh -> ``layers.i.b`` -> tanh) and a
+    ``head``; block 1 carries the outlier construction of ``outlier_model`` (dead inputs of
+    ``layers.1.b`` with 30-sigma weights), so it is the sensitive block by construction."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict({"a": nn.Linear(64, 64), "b": nn.Linear(64, 64)}) for _ in range(3))
+        self.head = nn.Linear(64, 64)
+
+    def forward(self, x, plan=None):
+        def lin(name, m, h):
+            p = "fp32" if plan is None else plan[name]
+            w = m.weight if p == "fp32" else _fake(m.weight, p)
+            return h @ w.t() + m.bias
+        for i, blk in enumerate(self.layers):
+            if plan is None:
+                x = torch.tanh(blk["b"](torch.tanh(blk["a"](x))))
+            else:
+                x = torch.tanh(lin(f"layers.{i}.b", blk["b"], torch.tanh(lin(f"layers.{i}.a", blk["a"], x))))
+        return self.head(x) if plan is None else lin("head", self.head, x)
+
+
+def test_search_units_group_linears_by_block():
+    t5 = ["encoder.block.0.layer.0.SelfAttention.q", "encoder.block.0.layer.1.DenseReluDense.wo",
+          "encoder.block.11.layer.0.SelfAttention.o", "decoder.block.0.layer.1.EncDecAttention.k", "lm_head"]
+    assert wo.units(t5, "block") == {"encoder.block.0": t5[:2], "encoder.block.11": [t5[2]],
+                                     "decoder.block.0": [t5[3]], "lm_head": ["lm_head"]}
+    assert wo.units(t5, "linear") == {n: [n] for n in t5}
+    llama = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"]
+    assert list(wo.units(llama, "block")) == ["model.layers.0", "model.layers.1"]
+    with pytest.raises(wo.WeightOnlyError, match="search unit"):
+        wo.units(t5, "auto")
+    # auto: per linear while the pass (linears x seconds per measured forward) fits 10 min
+    assert wo.choose_granularity(37, 17, 0.05)[0] == "linear"
+    unit, why = wo.choose_granularity(433, 49, 13.0)
+    assert unit == "block" and "433 linears" in why and "49 blocks" in why
+    assert wo.choose_granularity(433, 49, 13.0, "linear")[0] == "linear"
+    with pytest.raises(wo.WeightOnlyError, match="--llm-search"):
+        wo.choose_granularity(1, 1, 1.0, "layer")
+    from ib_edge.export.options import LLM_SEARCH
+    assert LLM_SEARCH == wo.SEARCH_UNITS
+
+
+def test_block_search_promotes_the_sensitive_block_whole():
+    torch.manual_seed(0)
+    model = _Blocks().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0, 0.15)
+        dead = [5, 40]
+        model.layers[1]["a"].weight[dead] = 0
+        model.layers[1]["a"].bias[dead] = 0
+        model.layers[1]["b"].weight[:, dead] = 4.5
+    x = torch.randn(256, 64)
+    probe = _OutputProbe(model, x)
+    names = wo.linear_names(model)
+    assert names == ["layers.0.a", "layers.0.b", "layers.1.a", "layers.1.b", "layers.2.a", "layers.2.b", "head"]
+    with torch.no_grad():
+        all4 = drift_of([model(x, {n: "int4" for n in names})], [probe.ref])
+        blk8 = drift_of([model(x, {**{n: "int4" for n in names}, "layers.1.a": "int8", "layers.1.b": "int8"})],
+                        [probe.ref])
+    assert blk8.cosine_mean - all4.cosine_mean > 0.02, (all4, blk8)   # the construction works
+    between = LogitsBudget((all4.cosine_mean + blk8.cosine_mean) / 2, 0.0)
+    sw = wo.Swapper(model, names, group_size=32)
+    rec = wo.search_plan(sw, lambda: probe.drift(model), between, granularity="block")
+    assert [r["name"] for r in rec["sensitivity"]][0] == "layers.1"
+    assert {r["name"] for r in rec["sensitivity"]} == {"layers.0", "layers.1", "layers.2", "head"}
+    assert rec["sensitivity"][0]["linears"] == 2
+    assert rec["precisions"] == {**{n: "int4" for n in names}, "layers.1.a": "int8", "layers.1.b": "int8"}
+    assert [p["name"] for p in rec["promoted"]] == ["layers.1"]
+    assert rec["drift_all_int4"]["logits_cosine_mean"] == pytest.approx(all4.cosine_mean, abs=5e-3)  # real kernel vs fake quant
+    assert all(type(m) is nn.Linear for m in (model.head, model.layers[1]["b"]))   # model left as it was
+
+
 def test_storage_round_trip_and_refusals(tmp_path, outlier_model):
     """plan_tensors -> safetensors -> swap_linears reproduces the searched modules; the reader
     refuses other formats with one line."""
@@ -238,6 +314,8 @@ def test_rtn_refused_for_t5_points_to_weight_only(reference_dir, tmp_path):
     assert "--llm-quant int8 or mixed" in e.value.hint
     with pytest.raises(ExportError, match="--llm-plan"):
         export_bundle(str(reference_dir("t5")), tmp_path / "b", llm_quant="int8", llm_plan=tmp_path, quiet=True)
+    with pytest.raises(ExportError, match="--llm-search"):
+        export_bundle(str(reference_dir("t5")), tmp_path / "b", llm_quant="int8", llm_search="block", quiet=True)
     assert not (tmp_path / "b").exists()
 
 
