@@ -58,8 +58,9 @@ class ExportOptions:
                                     "the shipped set. Calibrating on your own domain is recommended", metavar="DIR")
     calib_method: str = _opt("minmax", "activation range calibration for int8", choices=CALIB_METHODS)
     int8_stages: str = _opt("auto", "with --precision int8: faster (time each stage's int8 and fp32 graphs on this "
-                            "machine's ONNX Runtime CPU and keep fp32 where int8 is not faster: int8 speed depends on "
-                            "the CPU's VNNI/AMX), all (every stage int8, as TensorRT and GPUs want, or for another "
+                            "machine's ONNX Runtime CPU; where int8 is not faster, try int8 on the matmuls reading the "
+                            "stage's inputs only (the Q-Former's image key/value projections), else keep fp32: int8 "
+                            "speed depends on the CPU's VNNI/AMX), all (every stage int8, as TensorRT and GPUs want, or for another "
                             "target than this machine) or auto (default: faster with --backend onnxruntime, all with "
                             "tensorrt)", choices=INT8_STAGES)
     recipe_dir: str | Path | None = _opt(None, "re-apply the int8 recipes saved in a bundle (DIR or DIR/recipes) "

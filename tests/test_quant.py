@@ -228,20 +228,37 @@ def test_old_recipes_reapply_without_dedicated_pairs():
     assert int8.Int8Recipe.from_json(int8.Int8Recipe().to_json()) == int8.Int8Recipe()
 
 
-def test_int8_stages_faster_keeps_fp32_where_int8_is_slower(reference_dir, bundle_dir, tmp_path, monkeypatch):
+def _graph_inputs_readers(path):
+    """MatMul/Conv/Gemm nodes of an fp32 graph that read a graph input directly (test-local)."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    ins = {i.name for i in g.input}
+    return {n.name for n in g.node if n.op_type in ("MatMul", "Gemm", "Conv") and ins & set(n.input)}
+
+
+@pytest.mark.parametrize("partial_ms", [4.5, 3.5])
+def test_int8_stages_faster_keeps_fp32_where_int8_is_slower(reference_dir, bundle_dir, tmp_path, monkeypatch,
+                                                             partial_ms):
     """The default (--int8-stages auto = faster on ONNX Runtime): a stage whose INT8 graph times
-    slower than fp32 ships the fp32 graph (byte-identical to the fp32 bundle's), recorded with both
-    timings and the CPU; the other stays INT8 and the runtime runs the mixed bundle. Timing is
-    stubbed so the decision is known in advance."""
+    slower than fp32 tries INT8 on the matmuls reading its inputs only (the Q-Former's image
+    key/value projections); it ships that where faster than fp32 (3.5 ms), else the fp32 graph
+    (4.5 ms: byte-identical to the fp32 bundle's), recorded with every timing and the CPU; the
+    other stage stays INT8 and the runtime runs the mixed bundle. Timing is stubbed so the
+    decision is known in advance."""
     import hashlib
+
+    import onnx
 
     from ib_edge.export import quantize
     from ib_edge.export.bundle import export_bundle
 
-    ms = {("vision", "fp32"): 9.0, ("vision", "int8"): 3.0, ("qformer", "fp32"): 4.0, ("qformer", "int8"): 5.0}
+    ms = {("vision", "fp32"): 9.0, ("vision", "int8"): 3.0, ("qformer", "fp32"): 4.0, ("qformer", "int8"): 5.0,
+          ("qformer", "partial"): partial_ms}
 
     def fake_time(path, feed, runs=quantize.SPEED_RUNS):  # fp32 graphs sit in the export's .fp32/ folder
-        return ms[(path.stem, "fp32" if ".fp32" in path.parts else "int8")]
+        kind = "fp32" if ".fp32" in path.parts else "partial" if ".partial" in path.parts else "int8"
+        return ms[(path.stem, kind)]
 
     monkeypatch.setattr(quantize, "time_graph", fake_time)
     monkeypatch.delenv("IB_EDGE_INT8_STAGES", raising=False)   # conftest pins "all"
@@ -250,14 +267,30 @@ def test_int8_stages_faster_keeps_fp32_where_int8_is_slower(reference_dir, bundl
     vis, qf = m["artifacts"]["vision"], m["artifacts"]["qformer"]
     assert vis["precision"] == "int8"
     assert (vis["speed_check"]["fp32_ms"], vis["speed_check"]["int8_ms"], vis["speed_check"]["shipped"]) == (9.0, 3.0, "int8")
-    assert qf["precision"] == "fp32" and qf["speed_check"]["shipped"] == "fp32"
+    assert "partial_int8_ms" not in vis["speed_check"]        # int8 was faster: nothing else tried
+    readers = _graph_inputs_readers(bundle_dir("llama") / "qformer.onnx")
+    assert readers                                             # the construction: cross-attention k/v on image_embeds
+    assert (qf["speed_check"]["partial_int8_ms"], qf["speed_check"]["partial_int8_nodes"]) == (partial_ms, len(readers))
     from ib_edge.runtime.cpuinfo import cpu_string
 
     assert vis["speed_check"]["cpu"] == qf["speed_check"]["cpu"] == cpu_string()
-    assert qf["drift"]["cosine_min"] == 1.0
-    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
-    assert digest(out / "qformer.onnx") == digest(bundle_dir("llama") / "qformer.onnx")
     assert (out / "recipes" / "qformer.int8.json").is_file()   # still re-appliable with --recipe
+    assert not (out / ".partial").exists()
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    if partial_ms > ms[("qformer", "fp32")]:
+        assert qf["precision"] == "fp32" and qf["speed_check"]["shipped"] == "fp32"
+        assert qf["drift"]["cosine_min"] == 1.0
+        assert digest(out / "qformer.onnx") == digest(bundle_dir("llama") / "qformer.onnx")
+    else:
+        assert qf["precision"] == "int8" and qf["speed_check"]["shipped"] == "partial int8"
+        g = onnx.load(str(out / "qformer.onnx")).graph
+        dq_out = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+        # quantized = a matmul whose activation (first input) comes out of a DequantizeLinear
+        quantized = {n.name for n in g.node if n.op_type in ("MatMul", "Gemm") and n.input[0] in dq_out}
+        assert quantized == readers, (quantized, readers)
+        recipe = json.loads((out / "recipes" / "qformer.int8.json").read_text())
+        assert not readers & set(recipe["exclude"]) and len(recipe["exclude"]) > 0
+        assert qf["drift"]["cosine_mean"] < 1.0
     from PIL import Image
 
     res = Pipeline.load(out).run(Image.new("RGB", (40, 40), (200, 30, 30)), "What is this?", max_new_tokens=3)
