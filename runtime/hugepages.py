@@ -21,6 +21,7 @@ import ctypes
 import errno
 import os
 import sys
+import time
 
 ENV = "IB_EDGE_HUGEPAGES"
 HUGE = 2 << 20
@@ -66,7 +67,10 @@ def new_ranges(before: set[tuple[int, int]], after: set[tuple[int, int]]) -> lis
 
 def collapse(ranges: list[tuple[int, int]]) -> dict:
     """madvise(MADV_HUGEPAGE) then MADV_COLLAPSE on each range (one retry where the kernel answers
-    EAGAIN). -> {"collapsed_MB", "failed_MB", "errors"} (errors: errno name -> MB)."""
+    EAGAIN). -> {"collapsed_MB", "failed_MB", "errors" (errno name -> MB), "seconds"}: the
+    collapse copies the pages, and the kernel may first have to compact memory for 2 MiB pages
+    (0.2-0.6 s for ~1.2 GB of mappings with memory free, ~3 s with the page cache filling RAM)."""
+    t0 = time.perf_counter()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     libc.madvise.restype = ctypes.c_int
@@ -85,7 +89,8 @@ def collapse(ranges: list[tuple[int, int]]) -> dict:
             failed += b - a
             name = errno.errorcode.get(err, str(err))
             errors[name] = round(errors.get(name, 0) + (b - a) / 1e6, 1)
-    return {"collapsed_MB": round(done / 1e6, 1), "failed_MB": round(failed / 1e6, 1), "errors": errors}
+    return {"collapsed_MB": round(done / 1e6, 1), "failed_MB": round(failed / 1e6, 1), "errors": errors,
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 class WeightPages:
