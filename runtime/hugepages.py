@@ -109,5 +109,5 @@ class WeightPages:
             try:
                 self.record = collapse(new_ranges(self._before, anonymous_ranges()))
             except (OSError, AttributeError) as e:  # no libc madvise: pages stay as they are
-                self.record = {"collapsed_MB": 0.0, "failed_MB": 0.0, "errors": {type(e).__name__: str(e)}}
+                self.record = {"collapsed_MB": 0.0, "failed_MB": 0.0, "errors": {type(e).__name__: str(e)}, "seconds": 0.0}
         return False

@@ -69,7 +69,9 @@ def test_collapse_backs_a_written_buffer_with_huge_pages():
 
 def test_ort_engine_logits_do_not_depend_on_the_pages(monkeypatch):
     """Same weights, pages collapsed or not: the same logits, bit for bit; IB_EDGE_HUGEPAGES=0
-    turns the collapse off (no record)."""
+    turns the collapse off (no record). How much is collapsed depends on the allocator's state
+    (buffers carved from memory the process already had are not new mappings), so the amount is
+    not asserted here; the collapse itself is tested on a fresh buffer above."""
     from ib_edge.bench.decode import random_int4_tensors
     from ib_edge.runtime import engines as eng
     from ib_edge.runtime.llama import LlamaArgs
@@ -87,6 +89,6 @@ def test_ort_engine_logits_do_not_depend_on_the_pages(monkeypatch):
     assert out["0"][2] is None
     rec = out["1"][2]
     if sys.platform.startswith("linux"):
-        assert isinstance(rec, dict) and rec["collapsed_MB"] + rec["failed_MB"] > 0, rec
+        assert isinstance(rec, dict) and set(rec) == {"collapsed_MB", "failed_MB", "errors", "seconds"}, rec
     np.testing.assert_array_equal(out["0"][0], out["1"][0])
     np.testing.assert_array_equal(out["0"][1], out["1"][1])
