@@ -5,9 +5,10 @@ ONNX Runtime copies the int4 weights into its own prepacked buffers at session c
 anonymous memory that the kernel maps with 4 KiB pages unless the range is madvised (THP
 ``enabled`` is ``madvise`` on most distributions, this machine's included). With 4 KiB pages
 the CPU's stream prefetchers stop at every page boundary and the TLB misses every 4 KiB.
-Measured on the 2-core EPYC Zen 4 (README "Decode benchmark"): the 88 MatMulNBits of a
-TinyLlama-shaped step took 26.5 ms on 4 KiB pages and 23.0 ms once collapsed to 2 MiB pages
-(-13 %, same process kind, alternating, under load).
+Measured on the 2-core EPYC Zen 4 (README "Decode vs llama.cpp after the graph and page work"):
+under load the 88 MatMulNBits of a TinyLlama-shaped step took 26.5 ms on 4 KiB pages and 23.0 ms
+on 2 MiB pages; on the idle machine decode ran +5 % and +12 % faster in two of three interleaved
+runs (every round of those two), +0.5 % in the third.
 
 So, after the session is built, the anonymous mappings that appeared or grew while ORT built it
 (its weight buffers) are madvised ``MADV_HUGEPAGE`` and collapsed with ``MADV_COLLAPSE`` (Linux
