@@ -94,6 +94,8 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = DEFAULT_GROUP_SIZE, 
                "weight_MB_per_token": round(model.weight_bytes_per_token() / 1e6, 1),
                "achieved_GB_s": round(model.weight_bytes_per_token() * tps / 1e9, 2),
                "decode_ms_per_token": round(1e3 / tps, 2), "process_peak_rss_MB": round(rss)}
+        if model.engine == "ort":   # its weights on 2 MiB pages or not (runtime/hugepages.py)
+            out["huge_pages"] = model.huge_pages
         if kernel == "torch":
             out.update(_linears_alone(model))
         return out

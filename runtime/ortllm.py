@@ -5,11 +5,12 @@ start) -> last position's logits, a static KV cache, expand/reorder for beams), 
 and ``decode.beam_search`` drive either. Built in memory at load time from the same bundle files
 (the int4 layout of ``runtime.int4`` maps 1:1 onto ``MatMulNBits``), nothing extra stored.
 
-Per layer: SimplifiedLayerNormalization (RMSNorm) -> fused q/k/v ``MatMulNBits`` ->
-``GroupQueryAttention`` (rotary inside, KV cache in BNSH with past and present bound to the same
-buffer, so nothing is copied per step) -> o ``MatMulNBits`` -> residual Add -> RMSNorm -> fused
-gate/up ``MatMulNBits`` -> SiLU * up -> down ``MatMulNBits`` -> residual Add. Then the final
-norm and lm_head on the last position only. Why: torch's CPU int4 kernel streams the decode
+Per layer: RMSNorm -> fused q/k/v ``MatMulNBits`` -> ``GroupQueryAttention`` (rotary inside, KV
+cache in BNSH with past and present bound to the same buffer, so nothing is copied per step) -> o
+``MatMulNBits`` -> residual add + RMSNorm -> fused gate/up ``MatMulNBits`` -> SiLU * up -> down
+``MatMulNBits`` -> residual add + the next RMSNorm (each "residual add + RMSNorm" is one
+``SkipSimplifiedLayerNormalization``: 44 fewer nodes per TinyLlama step). Then lm_head on the last
+position only. Why: torch's CPU int4 kernel streams the decode
 weights at 13-18 GB/s on this machine, ``MatMulNBits`` (int8 compute, ``accuracy_level`` 4) at
 ~26 GB/s (``python -m ib_edge.bench.kernels``), and one graph keeps the Python loop out of the step.
 
@@ -29,6 +30,7 @@ import numpy as np
 from . import onnx_proto as pb
 from .decode import NumpyEmbedding, StaticKVCache, as_numpy
 from .errors import BundleError, InputError
+from .hugepages import WeightPages
 from .llama_spec import LlamaArgs, ModelSpec
 from .threads import ort_session_options
 
@@ -114,6 +116,15 @@ class _Graph:
     def rms(self, x: str, w, eps: float, tag: str) -> str:
         return self.op("SimplifiedLayerNormalization", [x, self.weight(tag, _f32(w))], axis=-1, epsilon=float(eps))
 
+    def add_rms(self, x: str, y: str, w, eps: float, tag: str) -> tuple[str, str]:
+        """(RMSNorm(x + y), x + y) as one SkipSimplifiedLayerNormalization node (the residual add
+        and the next norm: one node instead of two)."""
+        normed, total = self.name("skip_norm"), self.name("residual")
+        self.nodes.append(pb.node("SkipSimplifiedLayerNormalization", [y, x, self.weight(tag, _f32(w))],
+                                  [normed, "", "", total], self.name("skip_norm_n"), domain="com.microsoft",
+                                  epsilon=float(eps)))
+        return normed, total
+
 
 def _f32(x) -> np.ndarray:
     return as_numpy(x).astype(np.float32, copy=False)
@@ -132,9 +143,10 @@ def build_graph(a: LlamaArgs, specs: ModelSpec, accuracy_level: int = ACCURACY_L
     cos = g.weight("cos_cache", np.cos(freqs))
     sin = g.weight("sin_cache", np.sin(freqs))
     x = "inputs_embeds"
+    h = g.rms(x, specs.layers[0].attn_norm, a.rms_eps, "l0.attn_norm")
     for li, layer in enumerate(specs.layers):
         p = f"l{li}"
-        qkv = g.linear(g.rms(x, layer.attn_norm, a.rms_eps, p + ".attn_norm"), layer.qkv, p + ".qkv")
+        qkv = g.linear(h, layer.qkv, p + ".qkv")
         past_k, past_v = f"past_key.{li}", f"past_value.{li}"
         pres_k, pres_v = f"present_key.{li}", f"present_value.{li}"
         cache = ["batch", a.n_kv_heads, "max_len", a.hd]
@@ -145,16 +157,20 @@ def build_graph(a: LlamaArgs, specs: ModelSpec, accuracy_level: int = ACCURACY_L
             "GroupQueryAttention", [qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length", cos, sin],
             [attn, pres_k, pres_v], g.name("gqa"), domain="com.microsoft",
             num_heads=a.n_heads, kv_num_heads=a.n_kv_heads, do_rotary=1, rotary_interleaved=0))
-        x = g.op("Add", [x, g.linear(attn, layer.o, p + ".o")])
-        gu = g.linear(g.rms(x, layer.ffn_norm, a.rms_eps, p + ".ffn_norm"), layer.gate_up, p + ".gate_up")
+        h, x = g.add_rms(x, g.linear(attn, layer.o, p + ".o"), layer.ffn_norm, a.rms_eps, p + ".ffn_norm")
+        gu = g.linear(h, layer.gate_up, p + ".gate_up")
         gate, up = g.op("Split", [gu, g.const(g.name("split"), np.array([a.intermediate_size] * 2, np.int64))],
                         n_out=2, axis=-1)
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
-        x = g.op("Add", [x, g.linear(act, layer.down, p + ".down")])
-    last = g.op("Slice", [x, g.const("last_start", np.array([-1], np.int64)),
+        # the residual add and the next norm (the next layer's, or the final one) in one node
+        nxt = (specs.layers[li + 1].attn_norm, f"l{li + 1}.attn_norm") if li + 1 < len(specs.layers) else \
+            (specs.norm, "final_norm")
+        h, x = g.add_rms(x, g.linear(act, layer.down, p + ".down"), nxt[0], a.rms_eps, nxt[1])
+    # the final norm ran on every position (as cheap as one at decode): lm_head on the last only
+    last = g.op("Slice", [h, g.const("last_start", np.array([-1], np.int64)),
                           g.const("last_end", np.array([np.iinfo(np.int64).max], np.int64)),
                           g.const("last_axis", np.array([1], np.int64))])
-    y = g.linear(g.rms(last, specs.norm, a.rms_eps, "final_norm"), specs.head, "lm_head")
+    y = g.linear(last, specs.head, "lm_head")
     g.nodes.append(pb.node("Reshape", [y, g.const("logits_shape", np.array([-1, a.vocab_size], np.int64))],
                            ["logits"], "logits_reshape"))
     model = pb.model(g.nodes, "ib_edge_llama_step", inputs, outputs, g.inits,
@@ -184,10 +200,12 @@ class OrtLlama(StaticKVCache):
         names = list(arrays)
         opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(arrays[n]) for n in names])
         try:
-            self.sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+            with WeightPages() as pages:   # ORT's prepacked weights on 2 MiB pages (hugepages.py)
+                self.sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types
             raise BundleError(f"ONNX Runtime cannot build the LLM decoder graph: {str(e).splitlines()[0]}",
                               hint="run with --llm-engine torch") from None
+        self.huge_pages = pages.record
         del arrays, model  # ORT copied the weights into its own (prepacked) buffers
         self._no_cache()
         self._io = self._io_cache = None

@@ -124,6 +124,10 @@ def test_onnx_proto_writer_matches_onnx_helper():
         {"do_rotary": 1, "kv_num_heads": a.n_kv_heads, "num_heads": a.n_heads, "rotary_interleaved": 0}
     norm = next(n for n in ours.graph.node if n.op_type == "SimplifiedLayerNormalization")
     assert {t.name: helper.get_attribute_value(t) for t in norm.attribute} == {"axis": -1, "epsilon": pytest.approx(a.rms_eps)}
+    # every residual add after the first norm is fused with the norm that follows it
+    ops = [n.op_type for n in ours.graph.node]
+    assert ops.count("SimplifiedLayerNormalization") == 1 and "Add" not in ops
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * a.n_layers
     shape = next(t for t in ours.graph.initializer if t.name == "logits_shape")
     assert numpy_helper.to_array(shape).tolist() == [-1, a.vocab_size]
     ext = next(t for t in ours.graph.initializer if t.name == "l0.qkv.B")
