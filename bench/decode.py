@@ -65,11 +65,14 @@ def random_int4_tensors(a: LlamaArgs, group_size: int = DEFAULT_GROUP_SIZE, seed
 
 def bench(preset: str = "tinyllama-1.1b", group_size: int = DEFAULT_GROUP_SIZE, prompt_len: int = 40, new_tokens: int = 32,
           hf_tokens: int = 8, threads: int | None = None, nf4: bool = True, engine: str = "auto",
-          llamacpp: bool = True) -> dict:
+          llamacpp: bool = True, rounds: int = 6) -> dict:
     """Decode speed of the int4 path on every CPU kernel the runtime may choose
     (``kernel_choice.KERNELS``), the headline on ``engine`` ("auto": the fastest of this run, which
     is what the runtime's measured choice picks), transformers fp32, (when installed)
-    transformers + bitsandbytes NF4 and llama.cpp (Q4_0, Q4_K) on the same weights, in one run."""
+    transformers + bitsandbytes NF4 and llama.cpp (Q4_0, Q4_K) on the same weights, in one run.
+    Then ``rounds`` interleaved rounds of the headline kernel and each llama.cpp file (order
+    reversed every other round): the host's rate drifts by 10-20 % within minutes here, which
+    decides a one-after-another comparison; the medians of alternating rounds do not drift."""
     import resource
 
     if threads:
@@ -98,14 +101,20 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = DEFAULT_GROUP_SIZE, 
             out["huge_pages"] = model.huge_pages
         if kernel == "torch":
             out.update(_linears_alone(model))
+        runs[kernel] = run
         return out
 
+    runs: dict = {}
     kernels = {k: measure(k) for k in KERNELS}   # the first one's peak RSS is its own
     head = (max(kernels, key=lambda k: kernels[k]["decode_tok_s"]) if engine == "auto"
             else ENGINE_DEFAULT_KERNEL.get(engine, engine))
     main = kernels[head]
-    cpp = (_llamacpp(a, group_size, prompt_len, new_tokens, torch.get_num_threads()) if llamacpp
+    runs = {f"ib-edge {head}": runs[head]}        # the other kernels' models go
+    cpp = (_llamacpp(a, group_size, prompt_len, new_tokens, torch.get_num_threads(), runs) if llamacpp
            else {"measured": False, "reason": "--no-llamacpp"})
+    inter = (interleaved(runs, new_tokens, rounds) if rounds and len(runs) > 1 else
+             {"measured": False, "reason": "no llama.cpp model to interleave with" if rounds else "--rounds 0"})
+    runs.clear()
     # after the RSS readings: the probe's arrays are GiB-sized
     probes = memory_bandwidth(64 if preset == "smoke" else 1024)
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -128,6 +137,10 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = DEFAULT_GROUP_SIZE, 
     tps = main["decode_tok_s"]
     vs_cpp = {f"speedup_vs_llamacpp_{q}": round(tps / r["decode_tok_s"], 2) for q, r in cpp.items()
               if isinstance(r, dict) and r.get("measured")}
+    if inter.get("measured", True):
+        ours = inter["tok_s_median"][f"ib-edge {head}"]
+        vs_cpp.update({f"speedup_vs_llamacpp_{q.removeprefix('llama.cpp ')}_interleaved": round(ours / v, 2)
+                       for q, v in inter["tok_s_median"].items() if not q.startswith("ib-edge")})
     return {"preset": preset, "threads": torch.get_num_threads(), "group_size": group_size,
             "cpu": cpu_string(), "load_average": [round(v, 2) for v in os.getloadavg()],
             "headline_kernel": head, "headline_how": "fastest kernel of this run" if engine == "auto" else "--engine",
@@ -140,18 +153,47 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = DEFAULT_GROUP_SIZE, 
             "pct_of_bandwidth_bound": main["pct_of_bandwidth_bound"],
             "decode_ms_per_token": main["decode_ms_per_token"],
             "peak_rss_total_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "kernels": kernels, "llama_cpp": cpp, "transformers_bnb_nf4": nf4,
+            "kernels": kernels, "llama_cpp": cpp, "interleaved": inter, "transformers_bnb_nf4": nf4,
             **({"speedup_vs_nf4": round(tps / nf4["decode_tok_s"], 2)} if nf4.get("measured") else {})}
 
 
-def _llamacpp(a: LlamaArgs, group_size: int, prompt_len: int, new_tokens: int, threads: int) -> dict:
-    """llama.cpp on the same random weights (bench/llamacpp.py), or why it was skipped."""
+def _llamacpp(a: LlamaArgs, group_size: int, prompt_len: int, new_tokens: int, threads: int,
+              keep: dict | None = None) -> dict:
+    """llama.cpp on the same random weights (bench/llamacpp.py), or why it was skipped; its open
+    models' ``run`` go into ``keep`` (named "llama.cpp Q4_0", ...)."""
     from . import llamacpp
 
     why = llamacpp.unavailable_reason()
     if why:
         return {"measured": False, "reason": why}
-    return llamacpp.bench(a, random_int4_tensors(a, group_size), prompt_len, new_tokens, threads, _decode_timing)
+    opened: dict = {}
+    res = llamacpp.bench(a, random_int4_tensors(a, group_size), prompt_len, new_tokens, threads, _decode_timing,
+                         keep=opened)
+    if keep is not None:
+        keep.update({f"llama.cpp {q}": r for q, r in opened.items()})
+    return res
+
+
+def interleaved(runs: dict, n_tokens: int, rounds: int) -> dict:
+    """Decode tokens/s of each ``run(n) -> (seconds, tokens)`` in ``rounds`` alternating rounds
+    (each: 1 token, then ``n_tokens``; rate = the tokens after the first over the time after the
+    prefill), the order reversed every other round; medians and how many rounds each system beat
+    the first one."""
+    import statistics
+
+    names = list(runs)
+    rates: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            prefill = runs[k](1)[0]
+            total, made = runs[k](n_tokens)
+            rates[k].append((made - 1) / (total - prefill) if total > prefill else float("nan"))
+    first = names[0]
+    return {"rounds": rounds, "order": "alternating, reversed every other round",
+            "tok_s_median": {k: round(statistics.median(v), 2) for k, v in rates.items()},
+            "tok_s_each": {k: [round(x, 2) for x in v] for k, v in rates.items()},
+            f"rounds_{first}_ahead": {k: sum(a > b for a, b in zip(rates[first], v)) for k, v in rates.items()
+                                      if k != first}}
 
 
 def _linears_alone(model: FastLlama, repeats: int = 3) -> dict:
@@ -243,11 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", choices=("auto", *ENGINES, *KERNELS), default="auto",
                     help="engine or kernel of the headline figures (default auto: the fastest of this run, as the "
                          "runtime's measured choice; every kernel is measured either way)")
+    ap.add_argument("--rounds", type=int, default=6,
+                    help="interleaved rounds of the headline kernel against each llama.cpp file (0: none)")
     ap.add_argument("--no-llamacpp", action="store_true",
                     help="skip the llama.cpp baseline (skipped anyway when llama_cpp/gguf are not importable)")
     args = ap.parse_args(argv)
     res = bench(args.preset, args.group_size, new_tokens=args.new_tokens, hf_tokens=args.hf_tokens,
-                threads=args.threads, nf4=not args.no_nf4, engine=args.engine, llamacpp=not args.no_llamacpp)
+                threads=args.threads, nf4=not args.no_nf4, engine=args.engine, llamacpp=not args.no_llamacpp,
+                rounds=args.rounds)
     print(json.dumps(res, indent=2))
     return 0
 

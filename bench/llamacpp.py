@@ -127,9 +127,9 @@ def llama_quantize(src: Path, dst: Path, ftype_name: str, threads: int) -> None:
         raise RuntimeError(f"llama_model_quantize -> {ftype_name} failed ({rc})")
 
 
-def decode(path: Path, prompt_len: int, new_tokens: int, threads: int, timing) -> dict:
-    """(prefill ms, decode tokens/s) of greedy decoding with llama-cpp-python, via ``timing``
-    (bench.decode._decode_timing: warm-up, fastest of 3)."""
+def open_decoder(path: Path, prompt_len: int, new_tokens: int, threads: int):
+    """(llm, run, load seconds): ``run(n) -> (seconds, tokens)`` decodes ``n`` tokens greedily
+    after the same random prompt of ``prompt_len`` tokens."""
     from llama_cpp import Llama
 
     t0 = time.perf_counter()
@@ -157,15 +157,28 @@ def decode(path: Path, prompt_len: int, new_tokens: int, threads: int, timing) -
             out.append(int(np.argmax(last_logits())))
         return time.perf_counter() - t0, len(out)
 
+    return llm, run, load_s
+
+
+def decode(path: Path, prompt_len: int, new_tokens: int, threads: int, timing, keep: dict | None = None,
+           name: str = "") -> dict:
+    """(prefill ms, decode tokens/s) of greedy decoding with llama-cpp-python, via ``timing``
+    (bench.decode._decode_timing: warm-up, fastest of 3). ``keep``: leave the model open and put
+    its ``run`` there under ``name`` (for interleaved rounds against another system)."""
+    llm, run, load_s = open_decoder(path, prompt_len, new_tokens, threads)
     prefill, tps = timing(run, new_tokens)
-    llm.close() if hasattr(llm, "close") else None
+    if keep is not None:
+        keep[name] = run            # the closure holds llm; the mmap outlives the deleted file
+    elif hasattr(llm, "close"):
+        llm.close()
     return {"load_s": round(load_s, 1), "prefill_ms": round(prefill * 1e3, 1), "decode_tok_s": round(tps, 2),
             "file_MB": round(os.path.getsize(path) / 1e6)}
 
 
 def bench(a, tensors: dict, prompt_len: int, new_tokens: int, threads: int, timing, work_dir: str | None = None,
-          qtypes=("Q4_0", "Q4_K")) -> dict:
-    """{qtype: result or {"measured": False, "reason"}} for each GGUF type."""
+          qtypes=("Q4_0", "Q4_K"), keep: dict | None = None) -> dict:
+    """{qtype: result or {"measured": False, "reason"}} for each GGUF type; ``keep``: {qtype:
+    run} of the models left open (``decode``)."""
     import llama_cpp
 
     why = unavailable_reason()
@@ -190,7 +203,7 @@ def bench(a, tensors: dict, prompt_len: int, new_tokens: int, threads: int, timi
                            "Q4_K_M (its usual Q4_K file: attn_v, half the ffn_down and output in Q6_K)")
                 write_s = time.perf_counter() - t0
                 out[qt] = {"measured": True, "written_by": how, "write_s": round(write_s, 1),
-                           **decode(path, prompt_len, new_tokens, threads, timing)}
+                           **decode(path, prompt_len, new_tokens, threads, timing, keep, qt)}
             except Exception as e:  # an optional baseline: its failure is reported, not fatal
                 out[qt] = {"measured": False, "reason": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
             path.unlink(missing_ok=True)

@@ -284,18 +284,22 @@ def test_decode_bench_smoke():
     bitsandbytes is installed and llama.cpp when llama_cpp/gguf are (else a reason)."""
     import importlib.util
 
-    res = decode_bench.bench("smoke", group_size=64, prompt_len=8, new_tokens=24, hf_tokens=12)
+    res = decode_bench.bench("smoke", group_size=64, prompt_len=8, new_tokens=24, hf_tokens=12, rounds=2)
     assert res["int4_decode_tok_s"] > 0 and res["transformers_fp32_decode_tok_s"] > 0
     assert res["int4_weight_MB_per_token"] > 0 and res["read_bandwidth_GB_s"] > 0
     ks = res["kernels"]
     assert set(ks) == {"ort-int8", "ort-fp32", "torch"} and all(k["decode_tok_s"] > 0 for k in ks.values())
     assert res["headline_kernel"] == max(ks, key=lambda k: ks[k]["decode_tok_s"])
     assert all(k["pct_of_bandwidth_bound"] <= 100 for k in ks.values())
-    cpp = res["llama_cpp"]
+    cpp, inter = res["llama_cpp"], res["interleaved"]
     if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None:
         assert cpp["measured"] is False and "not importable" in cpp["reason"]
+        assert inter["measured"] is False
     else:
         assert cpp["Q4_0"]["measured"] and cpp["Q4_0"]["decode_tok_s"] > 0, cpp
+        assert set(inter["tok_s_median"]) == {f"ib-edge {res['headline_kernel']}", "llama.cpp Q4_0", "llama.cpp Q4_K"}
+        # (a rate, or NaN where timing noise swamps a decode this small: checked in the test below)
+        assert "speedup_vs_llamacpp_Q4_0_interleaved" in res and inter["rounds"] == 2
     # the linears alone cannot take longer than a whole decode step that runs them all
     tor = ks["torch"]
     assert 0 < tor["linears_alone_ms_per_token"] < 1.5 * tor["decode_ms_per_token"]
@@ -303,6 +307,26 @@ def test_decode_bench_smoke():
     assert nf4["measured"] == (importlib.util.find_spec("bitsandbytes") is not None), nf4
     if nf4["measured"]:
         assert nf4["decode_tok_s"] > 0 and res["speedup_vs_nf4"] > 0
+
+
+def test_interleaved_rounds_alternate_and_take_medians():
+    """bench.decode.interleaved on fake systems whose decode rate is known by construction:
+    run(n) takes 10 ms of prefill + (n - 1) / rate seconds; the rates vary by round."""
+    calls = []
+    plan = {"a": [100.0, 50.0, 100.0], "b": [80.0, 80.0, 120.0]}
+
+    def system(name):
+        def run(n):
+            calls.append((name, n))
+            rnd = sum(1 for c, m in calls if c == name and m > 1) - (n > 1)   # index of this round
+            return 0.010 + (n - 1) / plan[name][min(rnd, 2)], n
+        return run
+
+    res = decode_bench.interleaved({"a": system("a"), "b": system("b")}, 9, 3)
+    assert [c for c, n in calls if n > 1] == ["a", "b", "b", "a", "a", "b"]   # reversed every other round
+    assert res["tok_s_each"] == {"a": [100.0, 50.0, 100.0], "b": [80.0, 80.0, 120.0]}
+    assert res["tok_s_median"] == {"a": 100.0, "b": 80.0}
+    assert res["rounds_a_ahead"] == {"b": 1}
 
 
 def test_llamacpp_baseline_past_n_batch_positions(tmp_path):
