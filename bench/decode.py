@@ -80,18 +80,19 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = DEFAULT_GROUP_SIZE, 
     a = PRESETS[preset]
     emb = torch.randn(1, prompt_len, a.hidden_size) * 0.02
 
+    def runner(model):
+        def run(n):
+            t0 = time.perf_counter()
+            ids = generate(model, emb, max_new_tokens=n)
+            return time.perf_counter() - t0, len(ids)
+        return run
+
     def measure(kernel):
         t0 = time.perf_counter()
         model = random_int4_model(a, group_size, engine=kernel)
         build_s = time.perf_counter() - t0
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-        def run(n):
-            t0 = time.perf_counter()
-            ids = generate(model, emb, max_new_tokens=n)
-            return time.perf_counter() - t0, len(ids)
-
-        prefill_s, tps = _decode_timing(run, new_tokens)
+        prefill_s, tps = _decode_timing(runner(model), new_tokens)
         out = {"kernel": kernel, "engine": model.engine, "build_s": round(build_s, 1),
                "prefill_ms": round(prefill_s * 1e3, 1), "decode_tok_s": round(tps, 2),
                "weight_MB_per_token": round(model.weight_bytes_per_token() / 1e6, 1),
@@ -101,19 +102,22 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = DEFAULT_GROUP_SIZE, 
             out["huge_pages"] = model.huge_pages
         if kernel == "torch":
             out.update(_linears_alone(model))
-        runs[kernel] = run
         return out
 
-    runs: dict = {}
-    kernels = {k: measure(k) for k in KERNELS}   # the first one's peak RSS is its own
+    kernels = {k: measure(k) for k in KERNELS}   # one model at a time: the first one's peak RSS is its own
     head = (max(kernels, key=lambda k: kernels[k]["decode_tok_s"]) if engine == "auto"
             else ENGINE_DEFAULT_KERNEL.get(engine, engine))
     main = kernels[head]
-    runs = {f"ib-edge {head}": runs[head]}        # the other kernels' models go
+    runs: dict = {}                               # llama.cpp's open models, then the headline's
     cpp = (_llamacpp(a, group_size, prompt_len, new_tokens, torch.get_num_threads(), runs) if llamacpp
            else {"measured": False, "reason": "--no-llamacpp"})
-    inter = (interleaved(runs, new_tokens, rounds) if rounds and len(runs) > 1 else
-             {"measured": False, "reason": "no llama.cpp model to interleave with" if rounds else "--rounds 0"})
+    if rounds and runs:
+        ours = runner(random_int4_model(a, group_size, engine=head))   # rebuilt: one int4 model alive at a time
+        ours(2)                                                          # warm-up, as llama.cpp's were
+        runs = {f"ib-edge {head}": ours, **runs}
+        inter = interleaved(runs, new_tokens, rounds)
+    else:
+        inter = {"measured": False, "reason": "--rounds 0" if not rounds else "no llama.cpp model to interleave with"}
     runs.clear()
     # after the RSS readings: the probe's arrays are GiB-sized
     probes = memory_bandwidth(64 if preset == "smoke" else 1024)

@@ -127,9 +127,11 @@ def llama_quantize(src: Path, dst: Path, ftype_name: str, threads: int) -> None:
         raise RuntimeError(f"llama_model_quantize -> {ftype_name} failed ({rc})")
 
 
-def open_decoder(path: Path, prompt_len: int, new_tokens: int, threads: int):
-    """(llm, run, load seconds): ``run(n) -> (seconds, tokens)`` decodes ``n`` tokens greedily
-    after the same random prompt of ``prompt_len`` tokens."""
+def decode(path: Path, prompt_len: int, new_tokens: int, threads: int, timing, keep: dict | None = None,
+           name: str = "") -> dict:
+    """(prefill ms, decode tokens/s) of greedy decoding with llama-cpp-python, via ``timing``
+    (bench.decode._decode_timing: warm-up, fastest of 3). ``keep``: leave the model open and put
+    its ``run`` there under ``name`` (for interleaved rounds against another system)."""
     from llama_cpp import Llama
 
     t0 = time.perf_counter()
@@ -157,15 +159,6 @@ def open_decoder(path: Path, prompt_len: int, new_tokens: int, threads: int):
             out.append(int(np.argmax(last_logits())))
         return time.perf_counter() - t0, len(out)
 
-    return llm, run, load_s
-
-
-def decode(path: Path, prompt_len: int, new_tokens: int, threads: int, timing, keep: dict | None = None,
-           name: str = "") -> dict:
-    """(prefill ms, decode tokens/s) of greedy decoding with llama-cpp-python, via ``timing``
-    (bench.decode._decode_timing: warm-up, fastest of 3). ``keep``: leave the model open and put
-    its ``run`` there under ``name`` (for interleaved rounds against another system)."""
-    llm, run, load_s = open_decoder(path, prompt_len, new_tokens, threads)
     prefill, tps = timing(run, new_tokens)
     if keep is not None:
         keep[name] = run            # the closure holds llm; the mmap outlives the deleted file

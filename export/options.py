@@ -84,8 +84,8 @@ class ExportOptions:
     llm_search: str = _opt("auto", "with --llm-quant mixed: the search unit. linear (each linear's int4 drift "
                            "measured alone, promoted one at a time), block (each transformer block's linears "
                            "together: ~9x fewer measured forwards on T5/Llama) or auto (default: linear when that "
-                           "pass, timed from one measured forward, takes <= 10 min, else block: Flan-T5-XL on 2 "
-                           "cores is 13 s a forward, 433 linears, 49 blocks)", choices=LLM_SEARCH)
+                           "pass, timed from one measured forward, takes <= 10 min, else block: Flan-T5-XL on 2 AMD "
+                           "Zen 4 cores is 13-17 s a forward, 433 linears, 49 blocks)", choices=LLM_SEARCH)
     backend: str = _opt("onnxruntime", "onnxruntime: ONNX graphs (CPU, or CUDA/TensorRT through ORT providers); "
                         "tensorrt: build TensorRT engines for THIS machine's GPU (needs TensorRT; run it on the "
                         "Jetson)", choices=BACKENDS)

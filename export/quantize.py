@@ -139,7 +139,8 @@ def _replace_graph(src: Path, out_path: Path) -> None:
 
 def _partial_int8(stage: str, fp32: dict[str, Path], out_dir: Path, feeds, recipe: int8.Int8Recipe, log):
     """INT8 on the input-reading matmuls only (``input_nodes``), the rest fp32: (path, recipe,
-    drift), or None when that is the whole recipe, nothing, or over the stage's drift budget."""
+    drift, number of int8 matmuls), or None when that is the whole recipe, nothing, or over the
+    stage's drift budget."""
     tensor = STAGE_OUTPUT[stage]
     cands = [n for n in int8.candidate_nodes(fp32[stage], recipe.op_types) if n not in recipe.exclude]
     wide = input_nodes(fp32[stage], cands)

@@ -7,7 +7,8 @@ Search apart from apply (llm-awq style):
   real CPU kernel, everything else fp32; the drift of the LLM's logits against fp32 on
   calibration tokens. A unit is one ``nn.Linear`` (lm_head included), or on big models one
   transformer block's linears together (``units``): one teacher-forced fp32 forward per unit
-  costs 13 s at Flan-T5-XL on 2 cores, so per linear (433) is ~95 min, per block (49) ~11 min.
+  took 13-17 s at Flan-T5-XL on 2 AMD Zen 4 cores, so per linear (433) is ~95-125 min; per
+  block (49) the pass took ~19 min there, under load.
 - ``search_plan``: start all-int4, promote the most sensitive units to int8 one at a time
   (then to fp32, only if all-int8 is not enough) until the search budget holds. The result is
   a small JSON plan {linear: "int4"|"int8"|"fp32"} plus the sensitivities and the drift achieved.
@@ -216,14 +217,15 @@ def search_plan(swapper: Swapper, measure, budget: LogitsBudget = SEARCH_BUDGET,
             "order": order}
 
 
-def choose_granularity(n_linears: int, n_blocks: int, seconds_per_measure: float, asked: str = "auto") -> tuple[str, str]:
+def choose_granularity(n_linears: int, n_blocks: int, seconds_per_measure: float | None,
+                       asked: str = "auto") -> tuple[str, str]:
     """(unit, why) for ``--llm-search``: "auto" searches per linear when that pass (one measured
     forward per linear) takes at most ``AUTO_LINEAR_PASS_S``, else per block."""
     if asked not in SEARCH_UNITS:
         raise WeightOnlyError(f"--llm-search {asked!r} is not one of {', '.join(SEARCH_UNITS)}")
-    est = n_linears * seconds_per_measure
     if asked != "auto":
         return asked, f"asked (--llm-search {asked})"
+    est = n_linears * seconds_per_measure
     if est <= AUTO_LINEAR_PASS_S:
         return "linear", (f"{n_linears} linears x {seconds_per_measure:.2f} s per measured forward = "
                           f"~{est / 60:.1f} min <= {AUTO_LINEAR_PASS_S / 60:.0f} min")
@@ -246,13 +248,15 @@ def make_plan(model: nn.Module, probe: LogitsProbe, mode: str, group_size: int, 
         sw.restore()
         rec = {"precisions": {n: "int8" for n in names}, "drift": d.to_json()}
     else:
-        t0 = time.perf_counter()
-        measure()                                   # fp32 against itself: times one measured forward
-        per = time.perf_counter() - t0
+        per = None
+        if search == "auto":
+            t0 = time.perf_counter()
+            measure()                               # fp32 against itself: times one measured forward
+            per = time.perf_counter() - t0
         unit, why = choose_granularity(len(names), len(units(names, "block")), per, search)
         log(f"      mixed search per {unit}: {why}")
         rec = search_plan(sw, measure, SEARCH_BUDGET, log, unit)
-        rec["search"] = {"unit": unit, "why": why, "seconds_per_measure": round(per, 3)}
+        rec["search"] = {"unit": unit, "why": why, "seconds_per_measure": per and round(per, 3)}
     return {"format": PLAN_FORMAT, "version": 1, "mode": mode, "group_size": group_size,
             "calibration_tokens": probe.tokens, **rec}
 

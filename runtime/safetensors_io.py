@@ -61,7 +61,6 @@ def read_tensors(model_dir: str | Path, fmt: str, version: str, *, required: boo
                                           hint="re-export the bundle") from None
             for k, t in items.items():
                 tensors[k.removeprefix(strip_prefix)] = t
-            del items
         except (SafetensorError, OSError) as e:
             raise BundleError(f"cannot read LLM weights {f.name}: {str(e).splitlines()[0] if str(e) else e}",
                               hint="re-export the bundle") from None
