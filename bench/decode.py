@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import torch
@@ -18,10 +19,11 @@ from torch import nn
 from ib_edge.runtime.decode import generate
 from ib_edge.runtime.cpuinfo import cpu_string
 from ib_edge.runtime.engines import DEFAULT_ENGINE, ENGINES, assemble
-from ib_edge.runtime.kernel_choice import ENGINE_DEFAULT_KERNEL, KERNELS
+from ib_edge.runtime.errors import InputError
+from ib_edge.runtime.kernel_choice import ENGINE_DEFAULT_KERNEL, KERNELS, cannot_run
 from ib_edge.runtime.formats import DEFAULT_GROUP_SIZE, KERNEL_GROUP_SIZES
 from ib_edge.runtime.int4 import Int4Linear, linear_bytes
-from ib_edge.runtime.llama import LAYER, PRESETS, FastLlama, LlamaArgs
+from ib_edge.runtime.llama import LAYER, PRESETS, FastLlama, LlamaArgs, collect
 
 from .measure import best_time, memory_bandwidth, streaming_bound
 
@@ -104,9 +106,15 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = DEFAULT_GROUP_SIZE, 
             out.update(_linears_alone(model))
         return out
 
-    kernels = {k: measure(k) for k in KERNELS}   # one model at a time: the first one's peak RSS is its own
+    # every kernel that can run here, one model at a time (the first one's peak RSS is its own)
+    spec = collect(a, random_int4_tensors(a, group_size), group_size)
+    not_run = {k: why for k in KERNELS if (why := cannot_run(k, a, spec))}
+    del spec
+    kernels = {k: measure(k) for k in KERNELS if k not in not_run}
     head = (max(kernels, key=lambda k: kernels[k]["decode_tok_s"]) if engine == "auto"
             else ENGINE_DEFAULT_KERNEL.get(engine, engine))
+    if head not in kernels:
+        raise InputError(f"--engine {engine}: kernel {head} cannot run here ({not_run.get(head)})")
     main = kernels[head]
     runs: dict = {}                               # llama.cpp's open models, then the headline's
     cpp = (_llamacpp(a, group_size, prompt_len, new_tokens, torch.get_num_threads(), runs) if llamacpp
@@ -157,7 +165,7 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = DEFAULT_GROUP_SIZE, 
             "pct_of_bandwidth_bound": main["pct_of_bandwidth_bound"],
             "decode_ms_per_token": main["decode_ms_per_token"],
             "peak_rss_total_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "kernels": kernels, "llama_cpp": cpp, "interleaved": inter, "transformers_bnb_nf4": nf4,
+            "kernels": kernels, "kernels_not_run": not_run, "llama_cpp": cpp, "interleaved": inter, "transformers_bnb_nf4": nf4,
             **({"speedup_vs_nf4": round(tps / nf4["decode_tok_s"], 2)} if nf4.get("measured") else {})}
 
 
@@ -294,9 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-llamacpp", action="store_true",
                     help="skip the llama.cpp baseline (skipped anyway when llama_cpp/gguf are not importable)")
     args = ap.parse_args(argv)
-    res = bench(args.preset, args.group_size, new_tokens=args.new_tokens, hf_tokens=args.hf_tokens,
-                threads=args.threads, nf4=not args.no_nf4, engine=args.engine, llamacpp=not args.no_llamacpp,
-                rounds=args.rounds)
+    try:
+        res = bench(args.preset, args.group_size, new_tokens=args.new_tokens, hf_tokens=args.hf_tokens,
+                    threads=args.threads, nf4=not args.no_nf4, engine=args.engine, llamacpp=not args.no_llamacpp,
+                    rounds=args.rounds)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(res, indent=2))
     return 0
 

@@ -7,6 +7,9 @@ tests/test_ortllm.py; none changes the weights):
 
 * ``ort-int8``: the ort engine, ``MatMulNBits`` with ``accuracy_level`` 4 (int8 activations);
 * ``ort-fp32``: the ort engine, ``accuracy_level`` 1 (fp32 activations and accumulation);
+* ``ort-q4x8``: the ort engine with ib-edge's own int4 x int8 op (``runtime/q4x8.py``: the same
+  math as ``ort-int8``, the weights read as one stream per thread), where the CPU has AVX-512
+  VNNI, the group size is a multiple of 128 and a C compiler built it (``q4x8.why_not``);
 * ``torch``: the torch engine, ``_weight_int4pack_mm_for_cpu`` (bf16 activations).
 
 Which wins depends on the CPU (MLAS' int8 path wants VNNI; torch's kernel uses AMX where there
@@ -18,7 +21,7 @@ pays it (seconds at 1.1 B); later loads read the cache.
 
 Rule where nothing is measured (``IB_EDGE_LLM_KERNEL=rule``, or a single candidate): ``ort-int8``
 for int4 decoder layers ORT can run, ``torch`` otherwise (``pick_engine``).
-``IB_EDGE_LLM_KERNEL=ort-int8|ort-fp32|torch`` forces one; ``--llm-engine ort|torch`` picks an
+``IB_EDGE_LLM_KERNEL=ort-int8|ort-fp32|ort-q4x8|torch`` forces one; ``--llm-engine ort|torch`` picks an
 engine at its default kernel (ort: ``ort-int8``). The cache is keyed by the CPU string, so a file
 carried to another machine (or a VM showing other flags) measures again; an unreadable file is
 ignored with one note and rewritten.
@@ -40,7 +43,8 @@ import numpy as np
 from .cpuinfo import cpu_string
 from .decode import as_numpy
 from .errors import InputError
-from .ortllm import ort_cannot_run
+from . import q4x8
+from .ortllm import Q4X8, int4_group_sizes, ort_cannot_run
 from .paths import cache_home
 
 ENV = "IB_EDGE_LLM_KERNEL"
@@ -48,7 +52,7 @@ CACHE_FILE = "llm-kernels.json"
 CACHE_SCHEMA = 1
 LOGITS_COSINE_FLOOR = 0.999          # the logits gate of tests/test_ortllm.py
 # name -> (engine, MatMulNBits accuracy_level); ordered most exact first (the accuracy reference)
-KERNELS = {"ort-fp32": ("ort", 1), "ort-int8": ("ort", 4), "torch": ("torch", None)}
+KERNELS = {"ort-fp32": ("ort", 1), "ort-int8": ("ort", 4), "ort-q4x8": ("ort", "q4x8"), "torch": ("torch", None)}
 ENGINE_DEFAULT_KERNEL = {"ort": "ort-int8", "torch": "torch"}
 # the rule's engine where it can run the model: ~1.5x the torch engine's decode rate on the
 # TinyLlama-shaped bench (30.8-51.0 vs 23.2-27.4 tokens/s over 8 runs, README)
@@ -73,7 +77,7 @@ def cache_key(a, spec, threads: int) -> tuple[str, dict]:
     layout = sorted({f"{s.kind}{'/g' + str(s.group_size) if s.kind == 'int4' else ''}"
                      for l in spec.layers for s in (l.qkv, l.o, l.gate_up, l.down, spec.head)})
     fields = {"cpu": cpu_string(), "shape": dataclasses.asdict(a), "linears": layout, "threads": threads,
-              "onnxruntime": onnxruntime.__version__, "torch": _torch_version()}
+              "onnxruntime": onnxruntime.__version__, "torch": _torch_version(), "q4x8": q4x8.source_key()}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16], fields
 
 
@@ -125,9 +129,20 @@ def pick_engine(a, spec) -> str:
 
 def candidates(a, spec) -> list[str]:
     """The kernels that can run this model, most exact first: the ORT ones only where
-    ``pick_engine`` would pick ort."""
-    return [k for k, (eng, _) in KERNELS.items()
-            if (eng == "torch" and _torch_version() is not None) or (eng == "ort" and pick_engine(a, spec) == "ort")]
+    ``pick_engine`` would pick ort, ``ort-q4x8`` only where ``q4x8.why_not`` is None."""
+    return [k for k in KERNELS if cannot_run(k, a, spec) is None]
+
+
+def cannot_run(kernel: str, a, spec) -> str | None:
+    """Why ``kernel`` cannot run this model here (None: it can)."""
+    eng, arg = KERNELS[kernel]
+    if eng == "torch":
+        return None if _torch_version() is not None else "torch is not installed"
+    if pick_engine(a, spec) != "ort":
+        return ort_cannot_run(a, spec) or "the ort engine is for int4 decoder layers (this model has float ones)"
+    if arg == Q4X8:
+        return q4x8.why_not(int4_group_sizes(spec))
+    return None
 
 
 def rule(a, spec) -> str:
@@ -190,7 +205,8 @@ def choose(a, spec, threads: int, build: Callable[[str], object], *, timer=time_
         if forced not in KERNELS:
             raise InputError(f"{ENV}={forced!r} is not one of rule, {', '.join(KERNELS)}")
         if forced not in cands:
-            raise InputError(f"{ENV}={forced}: that kernel cannot run this model (it can run: {', '.join(cands)})")
+            raise InputError(f"{ENV}={forced}: that kernel cannot run this model here ({cannot_run(forced, a, spec)}; "
+                             f"it can run: {', '.join(cands)})")
         return build(forced), {"kernel": forced, "how": f"forced by {ENV}"}
     if forced == "rule" or len(cands) == 1:
         k = rule(a, spec)

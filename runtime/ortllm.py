@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import onnx_proto as pb
+from . import q4x8
 from .decode import NumpyEmbedding, StaticKVCache, as_numpy
 from .errors import BundleError, InputError
 from .hugepages import WeightPages
@@ -35,6 +36,8 @@ from .llama_spec import LlamaArgs, ModelSpec
 from .threads import ort_session_options
 
 ACCURACY_LEVEL = 4          # MatMulNBits: int8 activations x int4 weights (the fast CPU path)
+Q4X8 = "q4x8"               # ib-edge's own int4 x int8 op instead of MatMulNBits (runtime/q4x8.py)
+KERNEL_NAMES = {4: "ort-int8", 1: "ort-fp32", Q4X8: "ort-q4x8"}
 _PLACEHOLDER = "ib-edge-in-memory"
 
 
@@ -49,6 +52,10 @@ def ort_cannot_run(a: LlamaArgs, spec: ModelSpec) -> str | None:
         if g < 16 or g & (g - 1):
             return f"int4 group size {g} is not a power of two >= 16 (ONNX Runtime's MatMulNBits)"
     return None
+
+
+def int4_group_sizes(spec: ModelSpec) -> set[int]:
+    return {s.group_size for l in spec.layers for s in (l.qkv, l.o, l.gate_up, l.down, spec.head) if s.kind == "int4"}
 
 
 def rope_freqs(a: LlamaArgs) -> np.ndarray:
@@ -73,12 +80,14 @@ def _nbits(qweight, scales, qzeros, group: int):
 
 
 class _Graph:
-    """Nodes plus weights held as numpy arrays (fed to ORT as external initializers)."""
+    """Nodes plus weights held as numpy arrays (fed to ORT as external initializers).
+    ``matmul``: the int4 linears' kernel, ``MatMulNBits`` at that ``accuracy_level`` (4, 1) or
+    "q4x8" (ib-edge's own op, ``runtime/q4x8.py``)."""
 
-    def __init__(self, accuracy_level: int = ACCURACY_LEVEL):
+    def __init__(self, matmul: int | str = ACCURACY_LEVEL):
         self.nodes, self.inits, self.arrays = [], [], {}
         self.n = 0
-        self.accuracy_level = accuracy_level
+        self.matmul = matmul
 
     def name(self, base: str) -> str:
         self.n += 1
@@ -101,12 +110,17 @@ class _Graph:
         return outs[0] if n_out == 1 else outs
 
     def linear(self, x: str, spec, tag: str) -> str:
-        if spec.kind == "int4":
+        if spec.kind == "int4" and self.matmul == Q4X8:
+            w, s, z, n, k = q4x8.pack(as_numpy(spec.qweight), as_numpy(spec.scales), as_numpy(spec.qzeros),
+                                      spec.group_size)
+            y = self.op(q4x8.OP, [x, self.weight(tag + ".W", w), self.weight(tag + ".S", s),
+                                  self.weight(tag + ".Z", z)], domain=q4x8.DOMAIN, K=k, N=n)
+        elif spec.kind == "int4":
             b, s, zp, n, k = _nbits(spec.qweight, spec.scales, spec.qzeros, spec.group_size)
             y = self.op("MatMulNBits", [x, self.weight(tag + ".B", b), self.weight(tag + ".scales", s),
                                         self.weight(tag + ".zp", zp)],
                         domain="com.microsoft", K=k, N=n, bits=4, block_size=spec.group_size,
-                        accuracy_level=self.accuracy_level)
+                        accuracy_level=self.matmul)
         else:
             y = self.op("MatMul", [x, self.weight(tag + ".wT", _f32(spec.weight).T)])
         if spec.bias is not None:
@@ -130,10 +144,10 @@ def _f32(x) -> np.ndarray:
     return as_numpy(x).astype(np.float32, copy=False)
 
 
-def build_graph(a: LlamaArgs, specs: ModelSpec, accuracy_level: int = ACCURACY_LEVEL) -> tuple[bytes, dict[str, np.ndarray]]:
+def build_graph(a: LlamaArgs, specs: ModelSpec, matmul: int | str = ACCURACY_LEVEL) -> tuple[bytes, dict[str, np.ndarray]]:
     """The decoder-step ONNX model, serialized (weights as external placeholders), and its weight
-    arrays; ``accuracy_level``: MatMulNBits' compute type (4: int8 activations, 1: fp32)."""
-    g = _Graph(accuracy_level)
+    arrays; ``matmul``: MatMulNBits' compute type (4: int8 activations, 1: fp32) or "q4x8"."""
+    g = _Graph(matmul)
     f, i32 = pb.FLOAT, pb.INT32
     inputs = [pb.value_info("inputs_embeds", f, ["batch", "seq", a.hidden_size]),
               pb.value_info("seqlens_k", i32, ["batch"]),
@@ -174,7 +188,8 @@ def build_graph(a: LlamaArgs, specs: ModelSpec, accuracy_level: int = ACCURACY_L
     g.nodes.append(pb.node("Reshape", [y, g.const("logits_shape", np.array([-1, a.vocab_size], np.int64))],
                            ["logits"], "logits_reshape"))
     model = pb.model(g.nodes, "ib_edge_llama_step", inputs, outputs, g.inits,
-                     opsets={"": 18, "com.microsoft": 1}, ir_version=10)
+                     opsets={"": 18, "com.microsoft": 1, **({q4x8.DOMAIN: 1} if matmul == Q4X8 else {})},
+                     ir_version=10)
     return model, g.arrays
 
 
@@ -185,28 +200,38 @@ class OrtLlama(StaticKVCache):
     engine = "ort"
 
     def __init__(self, a: LlamaArgs, specs: ModelSpec, threads: int | None = None,
-                 accuracy_level: int = ACCURACY_LEVEL):
+                 matmul: int | str = ACCURACY_LEVEL):
         import onnxruntime as ort
 
         why = ort_cannot_run(a, specs)
+        if not why and matmul == Q4X8:
+            why = q4x8.why_not(int4_group_sizes(specs))
         if why:
             raise BundleError(f"the ort LLM engine cannot run this model: {why}", hint="run with --llm-engine torch")
         self.a = a
         self.embed = NumpyEmbedding(specs.embed)
         self._weight_bytes = specs.weight_bytes_per_token(a)
-        model, arrays = build_graph(a, specs, accuracy_level)
-        self.kernel = {4: "ort-int8", 1: "ort-fp32"}.get(accuracy_level, f"ort-acc{accuracy_level}")
+        self.kernel = KERNEL_NAMES.get(matmul, f"ort-acc{matmul}")
         opts = ort_session_options(ort, threads, log_severity=4)   # failures: one BundleError line below
-        names = list(arrays)
-        opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(arrays[n]) for n in names])
+        # the weights on 2 MiB pages (hugepages.py): ORT's prepacked copies of MatMulNBits'
+        # weights, or (q4x8, which reads our arrays in place) the arrays packed inside the block
+        model, arrays = (None, None) if matmul == Q4X8 else build_graph(a, specs, matmul)
         try:
-            with WeightPages() as pages:   # ORT's prepacked weights on 2 MiB pages (hugepages.py)
+            with WeightPages() as pages:
+                if matmul == Q4X8:
+                    opts.register_custom_ops_library(str(q4x8.library()))
+                    model, arrays = build_graph(a, specs, matmul)
+                names = list(arrays)
+                opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(arrays[n]) for n in names])
                 self.sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types
             raise BundleError(f"ONNX Runtime cannot build the LLM decoder graph: {str(e).splitlines()[0]}",
                               hint="run with --llm-engine torch") from None
         self.huge_pages = pages.record
-        del arrays, model  # ORT copied the weights into its own (prepacked) buffers
+        # MatMulNBits: ORT copied the weights into its own prepacked buffers; the q4x8 op reads
+        # ours in place, so they live as long as the session
+        self._weights = arrays if matmul == Q4X8 else None
+        del arrays, model
         self._no_cache()
         self._io = self._io_cache = None
 

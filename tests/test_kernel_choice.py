@@ -130,15 +130,39 @@ def test_rule_and_forcing(home, monkeypatch):
     assert calls == [] and not (home / kc.CACHE_FILE).exists()
 
 
+def test_q4x8_is_a_candidate_where_it_can_run(home, monkeypatch):
+    """ib-edge's q4x8 op joins the candidates at groups that are multiples of 128 on a CPU with
+    AVX-512 VNNI, is chosen when measured fastest, and forcing it elsewhere says why not."""
+    from ib_edge.runtime import q4x8
+
+    monkeypatch.setattr(q4x8, "why_not", lambda groups=(): q4x8.layout_why_not(groups))  # any CPU
+    spec128 = _spec(group=128)
+    assert kc.candidates(A, spec128) == ["ort-fp32", "ort-int8", "ort-q4x8", "torch"]
+    assert "ort-q4x8" not in kc.candidates(A, _spec(group=64))
+    m, rec = kc.choose(A, spec128, 2, Fake, timer=_timer({"ort-fp32": 9, "ort-int8": 5, "ort-q4x8": 4, "torch": 7}),
+                       log=print)
+    assert m.kernel == "ort-q4x8" and rec["ms_per_token"]["ort-q4x8"] == 4
+    monkeypatch.setenv(kc.ENV, "ort-q4x8")
+    with pytest.raises(InputError, match="group size 64 is not a multiple of 128"):
+        kc.choose(A, _spec(group=64), 2, Fake, timer=_timer({}))
+    monkeypatch.setattr(q4x8, "why_not", lambda groups=(): "this CPU lacks avx512_vnni (the q4x8 kernel needs ...)")
+    assert "ort-q4x8" not in kc.candidates(A, spec128)
+    with pytest.raises(InputError, match="lacks avx512_vnni"):
+        kc.choose(A, spec128, 2, Fake, timer=_timer({}))
+
+
 def test_real_measurement_on_the_smoke_model(home):
     """engines.assemble with no engine measures the real kernels once, then reads the cache."""
-    t = random_int4_tensors(A, 64, seed=2)
-    m = eng.assemble(A, dict(t), 64, threads=1)
+    from ib_edge.runtime.q4x8 import cpu_why_not
+
+    t = random_int4_tensors(A, 128, seed=2)
+    m = eng.assemble(A, dict(t), 128, threads=1)
     rec = m.kernel_choice
     assert rec["how"] == "measured now" and m.kernel == rec["kernel"]
-    assert set(rec["ms_per_token"]) | set(rec["excluded"]) == set(kc.KERNELS)
+    want = set(kc.KERNELS) - ({"ort-q4x8"} if cpu_why_not() else set())
+    assert set(rec["ms_per_token"]) | set(rec["excluded"]) == want
     assert rec["kernel"] == min(rec["ms_per_token"], key=rec["ms_per_token"].get)
-    m2 = eng.assemble(A, dict(t), 64, threads=1)
+    m2 = eng.assemble(A, dict(t), 128, threads=1)
     assert m2.kernel == m.kernel and m2.kernel_choice["how"].startswith("cached")
     m2.setup_cache(8)
     assert m2(torch.randn(1, 3, A.hidden_size), 0).shape == (1, A.vocab_size)

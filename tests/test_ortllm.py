@@ -14,7 +14,8 @@ import torch
 from ib_edge.bench.decode import random_int4_tensors
 from ib_edge.runtime import engines as eng
 from ib_edge.runtime.int4 import unpack_nibbles
-from ib_edge.runtime.kernel_choice import KERNELS
+from ib_edge.runtime.kernel_choice import KERNELS, cannot_run
+from ib_edge.runtime.q4x8 import cpu_why_not
 from ib_edge.runtime.llama import PRESETS, LlamaArgs
 from ib_edge.runtime.errors import BundleError, InputError
 
@@ -48,13 +49,25 @@ def _cos(a, b):  # the ort engine returns numpy logits
     return float(torch.nn.functional.cosine_similarity(torch.as_tensor(a).flatten(), torch.as_tensor(b).flatten(), dim=0))
 
 
-@pytest.mark.parametrize("shape,group", [("smoke", 64), ("odd", 64), ("smoke", 32)])
+# K multiple of 128, N = 300 and 3 x 64 (q/k/v) not multiples of the q4x8 kernel's 8 rows... and
+# group 256 (two 128-blocks per scale)
+ODD128 = LlamaArgs(vocab_size=300, hidden_size=256, n_layers=2, n_heads=4, n_kv_heads=1,
+                   intermediate_size=384, max_positions=96)
+
+
+@pytest.mark.parametrize("shape,group", [("smoke", 64), ("odd", 64), ("smoke", 32), ("smoke", 128),
+                                         ("odd128", 128), ("smoke", 256)])
 def test_int4_engines_match_dequantized_fp32(shape, group):
-    a = PRESETS["smoke"] if shape == "smoke" else ODD
+    a = {"smoke": PRESETS["smoke"], "odd": ODD, "odd128": ODD128}[shape]
     t = _tensors(a, group)
     ref = eng.assemble(a, _dequantized(t, group), None, "torch")
-    # every kernel the runtime may choose (runtime/kernel_choice.py) passes the same gate
-    engines = {k: eng.assemble(a, dict(t), group, k) for k in KERNELS}
+    # every kernel the runtime may choose (runtime/kernel_choice.py) that can run here passes the
+    # same gate; ort-q4x8 must be among them on a CPU with AVX-512 VNNI at groups of 128 and 256
+    spec = eng.collect(a, dict(t), group)
+    runs = [k for k in KERNELS if cannot_run(k, a, spec) is None]
+    if group % 128 == 0 and cpu_why_not() is None:
+        assert "ort-q4x8" in runs, cannot_run("ort-q4x8", a, spec)
+    engines = {k: eng.assemble(a, dict(t), group, k) for k in runs}
     g = torch.Generator().manual_seed(0)
     steps = [(torch.randn(1, 9, a.hidden_size, generator=g) * 0.5, 0)]
     steps += [(torch.randn(1, 1, a.hidden_size, generator=g) * 0.5, 9 + i) for i in range(4)]

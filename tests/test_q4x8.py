@@ -1,0 +1,185 @@
+"""ib-edge's own int4 x int8 matmul (runtime/native/q4x8.c, runtime/q4x8.py): the weight layout,
+the arithmetic, the ONNX Runtime custom op and its ABI, the CMake build and the reasons it is not
+offered.
+
+Expected values come from numpy: the int4 weights dequantized in float64, times the activations.
+Where the activations are exactly representable on the kernel's int8 grid (per 128-value block:
+integers in [-127, 127] with one of magnitude 127, times a power of two) the kernel's only
+rounding is fp32 accumulation, so it must match to ~1e-6 relative: any slip in the nibble order,
+the row interleave, the zero points, the padding rows or the group-to-block expansion fails.
+With random activations its error is that of int8 activations, compared against ONNX Runtime's
+own MatMulNBits at accuracy_level 4 on the same weights."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from ib_edge.runtime import q4x8
+
+pytestmark = pytest.mark.skipif(q4x8.cpu_why_not() is not None, reason=f"{q4x8.cpu_why_not()}")
+
+
+def _weights(n, k, group, seed=0):
+    rng = np.random.default_rng(seed)
+    qw = rng.integers(0, 256, (n, k // 2), dtype=np.uint8)
+    sc = (rng.random((n, k // group)) * 0.02 + 0.001).astype(np.float32)
+    qz = rng.integers(0, 16, (n, k // group), dtype=np.uint8)
+    return qw, sc, qz
+
+
+def _dequant(qw, sc, qz, group):
+    n, k = qw.shape[0], qw.shape[1] * 2
+    q = np.empty((n, k), np.float64)
+    q[:, 0::2], q[:, 1::2] = qw & 15, qw >> 4
+    return (q - np.repeat(qz, group, axis=1)) * np.repeat(sc.astype(np.float64), group, axis=1)
+
+
+def _grid_activations(m, k, seed=1):
+    """Activations the int8 quantizer represents exactly (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-127, 128, (m, k)).astype(np.float32)
+    x[:, ::128] = 127 * rng.choice([-1, 1], (m, k // 128))   # each block's max magnitude is 127
+    return x * np.float32(2.0 ** -6)
+
+
+@pytest.mark.parametrize("n,k,group,m", [(37, 256, 128, 1), (64, 384, 128, 3), (300, 512, 256, 2),
+                                         (2560, 2048, 128, 1), (8, 128, 128, 7)])
+def test_exact_on_the_int8_grid(n, k, group, m):
+    qw, sc, qz = _weights(n, k, group)
+    x = _grid_activations(m, k)
+    got = q4x8.matmul(x, q4x8.pack(qw, sc, qz, group))
+    want = x.astype(np.float64) @ _dequant(qw, sc, qz, group).T
+    assert got.shape == (m, n)
+    assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max(), np.abs(got - want).max() / np.abs(want).max()
+
+
+def test_pack_layout():
+    """Row r of group g, block b sits at W[g, b, r % 8]: rows interleaved block by block, padding
+    rows have scale 0 (their output is dropped), groups of 256 become two 128-blocks."""
+    qw, sc, qz = _weights(11, 512, 256)
+    w, s, z, n, k = q4x8.pack(qw, sc, qz, 256)
+    assert (w.shape, s.shape, z.shape, n, k) == ((2, 4, 8, 64), (2, 4, 8), (2, 4, 8), 11, 512)
+    assert np.array_equal(w[1, 2, 1], qw[9, 128:192]) and s[1, 3, 2] == sc[10, 1] and z[0, 0, 5] == qz[5, 0]
+    assert not s[1, :, 3:].any()
+    with pytest.raises(ValueError, match="multiple of 128"):
+        q4x8.pack(*_weights(8, 256, 64), 64)
+
+
+def _matmulnbits(x, qw, sc, qz, group, n, k):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    nb = k // group
+    zp = qz if nb % 2 == 0 else np.concatenate([qz, np.full((n, 1), 8, np.uint8)], axis=1)
+    inits = [numpy_helper.from_array(qw.reshape(n, nb, group // 2), "B"), numpy_helper.from_array(sc, "S"),
+             numpy_helper.from_array(zp[:, 0::2] | (zp[:, 1::2] << 4), "Z")]
+    node = helper.make_node("MatMulNBits", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=group, accuracy_level=4)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"A": x})[0]
+
+
+def test_random_activations_err_like_matmulnbits():
+    n, k, group = 512, 2048, 128
+    qw, sc, qz = _weights(n, k, group, seed=4)
+    x = np.random.default_rng(5).standard_normal((4, k)).astype(np.float32)
+    want = x.astype(np.float64) @ _dequant(qw, sc, qz, group).T
+    ours = np.abs(q4x8.matmul(x, q4x8.pack(qw, sc, qz, group)) - want).max() / np.abs(want).max()
+    mlas = np.abs(_matmulnbits(x, qw, sc, qz, group, n, k) - want).max() / np.abs(want).max()
+    assert 1e-4 < ours < 0.02, ours          # int8 activations: visibly not exact, and small
+    assert ours <= 2 * mlas, (ours, mlas)
+
+
+def _op_session(packed, k, n, threads=2, w_shape=None):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w, s, z = packed[:3]
+    if w_shape is not None:
+        w = w.reshape(w_shape)
+    node = helper.make_node(q4x8.OP, ["A", "W", "S", "Z"], ["Y"], domain=q4x8.DOMAIN, K=k, N=n)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(w, "W"), numpy_helper.from_array(s, "S"),
+                           numpy_helper.from_array(z, "Z")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(q4x8.DOMAIN, 1)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.register_custom_ops_library(str(q4x8.library()))
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_onnxruntime_op_matches_the_kernel(threads):
+    """Inside ONNX Runtime (the ABI of ort_abi.h against the installed onnxruntime, the parallel
+    split over its thread pool) the op gives the calling-thread kernel's result bit for bit,
+    for rank-3 input too; a 0-row input gives a 0-row output."""
+    n, k = 1000, 1024
+    qw, sc, qz = _weights(n, k, 128, seed=6)
+    packed = q4x8.pack(qw, sc, qz, 128)
+    x = np.random.default_rng(7).standard_normal((2, 5, k)).astype(np.float32)
+    sess = _op_session(packed, k, n, threads)
+    (y,) = sess.run(None, {"A": x})
+    assert y.shape == (2, 5, n)
+    assert np.array_equal(y.reshape(10, n), q4x8.matmul(x.reshape(10, k), packed))
+    assert sess.run(None, {"A": np.zeros((0, k), np.float32)})[0].shape == (0, n)
+
+
+def test_onnxruntime_op_rejects_mismatched_shapes():
+    n, k = 64, 256
+    packed = q4x8.pack(*_weights(n, k, 128), 128)
+    sess = _op_session(packed, k, n)
+    with pytest.raises(Exception, match="A's last dimension is 128, K is 256"):
+        sess.run(None, {"A": np.zeros((1, 128), np.float32)})
+    bad = _op_session(packed, k, n, w_shape=(8, 2, 4, 128))
+    with pytest.raises(Exception, match=r"W is not \[8, 2, 8, 64\]"):
+        bad.run(None, {"A": np.zeros((1, k), np.float32)})
+
+
+def test_reasons_it_is_not_offered(tmp_path, monkeypatch):
+    assert "x86-64 only" in q4x8.cpu_why_not(frozenset({"avx512_vnni"}), machine="aarch64")
+    assert "lacks avx512_vnni" in q4x8.cpu_why_not(frozenset({"avx512f", "avx512bw", "avx512vl"}), machine="x86_64")
+    assert q4x8.cpu_why_not(frozenset(q4x8.NEEDS), machine="x86_64") is None
+    assert "group size 64" in q4x8.layout_why_not([128, 64]) and q4x8.layout_why_not([128, 256]) is None
+    monkeypatch.setattr(q4x8, "_built", {})
+    monkeypatch.setenv(q4x8.ENV, str(tmp_path / "nope.so"))
+    with pytest.raises(RuntimeError, match="no such file"):
+        q4x8.library()
+    monkeypatch.delenv(q4x8.ENV)
+    monkeypatch.setenv("IB_EDGE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-cc"))
+    assert "no C compiler" in q4x8.why_not([128])
+    assert not (tmp_path / "home" / "native").exists() or not any((tmp_path / "home" / "native").iterdir())
+
+
+def test_built_once_into_the_cache_home_not_the_working_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(q4x8, "_built", {})
+    monkeypatch.setenv("IB_EDGE_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    lib = q4x8.library()
+    assert lib.parent == tmp_path / "home" / "native" and lib.is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["home"]
+    monkeypatch.setattr(q4x8, "_built", {})
+    mtime = lib.stat().st_mtime_ns
+    assert q4x8.library() == lib and lib.stat().st_mtime_ns == mtime   # found, not rebuilt
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_cmake_builds_the_library(tmp_path, monkeypatch):
+    root = q4x8.source_dir().parents[1]
+    for cmd in (["cmake", "-S", str(root), "-B", str(tmp_path)], ["cmake", "--build", str(tmp_path)]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    monkeypatch.setattr(q4x8, "_built", {})
+    monkeypatch.setenv(q4x8.ENV, str(tmp_path / "libib_q4x8.so"))
+    qw, sc, qz = _weights(24, 256, 128)
+    x = _grid_activations(2, 256)
+    got = _op_session(q4x8.pack(qw, sc, qz, 128), 256, 24).run(None, {"A": x})[0]
+    want = x.astype(np.float64) @ _dequant(qw, sc, qz, 128).T
+    assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
