@@ -213,24 +213,20 @@ class OrtLlama(StaticKVCache):
         self._weight_bytes = specs.weight_bytes_per_token(a)
         self.kernel = KERNEL_NAMES.get(matmul, f"ort-acc{matmul}")
         opts = ort_session_options(ort, threads, log_severity=4)   # failures: one BundleError line below
-        # the weights on 2 MiB pages (hugepages.py): ORT's prepacked copies of MatMulNBits'
-        # weights, or (q4x8, which reads our arrays in place) the arrays packed inside the block
-        model, arrays = (None, None) if matmul == Q4X8 else build_graph(a, specs, matmul)
+        model, arrays = build_graph(a, specs, matmul)
+        names = list(arrays)
+        opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(arrays[n]) for n in names])
         try:
-            with WeightPages() as pages:
-                if matmul == Q4X8:
-                    opts.register_custom_ops_library(str(q4x8.library()))
-                    model, arrays = build_graph(a, specs, matmul)
-                names = list(arrays)
-                opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(arrays[n]) for n in names])
+            if matmul == Q4X8:
+                opts.register_custom_ops_library(str(q4x8.library()))
+            with WeightPages() as pages:   # ORT's copies of the weights on 2 MiB pages (hugepages.py)
                 self.sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types
             raise BundleError(f"ONNX Runtime cannot build the LLM decoder graph: {str(e).splitlines()[0]}",
                               hint="run with --llm-engine torch") from None
         self.huge_pages = pages.record
-        # MatMulNBits: ORT copied the weights into its own prepacked buffers; the q4x8 op reads
-        # ours in place, so they live as long as the session
-        self._weights = arrays if matmul == Q4X8 else None
+        # ORT copied the weights into its own buffers (MatMulNBits' prepacked ones; the q4x8 op's
+        # as given): ours go (tests/test_ortllm.py zeroes them after the build and decodes the same)
         del arrays, model
         self._no_cache()
         self._io = self._io_cache = None

@@ -200,3 +200,29 @@ def test_ort_engine_bad_group_size_is_one_line():
     with pytest.raises(BundleError, match="group size 48") as e:
         eng.assemble(a, _tensors(a, 48), 48, "ort")
     assert "--llm-engine torch" in e.value.line()
+
+
+@pytest.mark.parametrize("kernel", ["ort-int8", "ort-q4x8"])
+def test_ort_engine_owns_its_weights(kernel, monkeypatch):
+    """OrtLlama drops the arrays it fed ONNX Runtime as external initializers: that is safe only
+    because ORT copies them at session creation (prepacked for MatMulNBits, as given for the
+    q4x8 op). Zeroing every array after the build must not change the logits."""
+    from ib_edge.runtime import ortllm
+
+    a = ODD128
+    t = _tensors(a, 128)
+    spec = eng.collect(a, dict(t), 128)
+    if kernel == "ort-q4x8" and cannot_run(kernel, a, spec):
+        pytest.skip(cannot_run(kernel, a, spec))
+    fed = []
+    real = ortllm.build_graph
+    monkeypatch.setattr(ortllm, "build_graph", lambda *args: fed.append(real(*args)) or fed[-1])
+    m = eng.assemble(a, dict(t), 128, kernel)
+    x = np.random.default_rng(0).standard_normal((1, 4, a.hidden_size)).astype(np.float32)
+    m.setup_cache(8)
+    before = m(x, 0)
+    (_, arrays), = fed
+    for arr in arrays.values():
+        arr[...] = 0
+    m.setup_cache(8)
+    assert np.array_equal(m(x, 0), before)
