@@ -121,7 +121,10 @@ def bench(preset: str = "tinyllama-1.1b", group_size: int = DEFAULT_GROUP_SIZE, 
            else {"measured": False, "reason": "--no-llamacpp"})
     # interleaved: the headline, or (auto) every ort int8-activation kernel, which run within a few
     # % of each other, so that the one-after-another order above does not pick the headline
+    # (only when one of them won above: a CPU where torch or ort-fp32 wins keeps that headline)
     ours_k = [k for k in kernels if k in ("ort-int8", "ort-q4x8")] if engine == "auto" else [head]
+    if head not in ours_k:
+        ours_k = [head]
     head_how = "fastest kernel of this run" if engine == "auto" else "--engine"
     if rounds and (runs or len(ours_k) > 1):
         mine = {}

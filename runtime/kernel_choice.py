@@ -42,7 +42,7 @@ import numpy as np
 
 from .cpuinfo import cpu_string
 from .decode import as_numpy
-from .errors import InputError
+from .errors import BundleError, InputError
 from . import q4x8
 from .ortllm import Q4X8, int4_group_sizes, ort_cannot_run
 from .paths import cache_home
@@ -69,15 +69,17 @@ def cache_path() -> Path:
     return cache_home() / CACHE_FILE
 
 
-def cache_key(a, spec, threads: int) -> tuple[str, dict]:
-    """(short hash, the fields it hashes): CPU string, model shape, int4 layout, engine options
-    and the kernel libraries' versions."""
+def cache_key(a, spec, threads: int, cands: list[str] | None = None) -> tuple[str, dict]:
+    """(short hash, the fields it hashes): CPU string, model shape, int4 layout, engine options,
+    the kernel libraries' versions and the candidates (a kernel that becomes available, e.g. q4x8
+    once a compiler is installed, measures again)."""
     import onnxruntime
 
     layout = sorted({f"{s.kind}{'/g' + str(s.group_size) if s.kind == 'int4' else ''}"
                      for l in spec.layers for s in (l.qkv, l.o, l.gate_up, l.down, spec.head)})
     fields = {"cpu": cpu_string(), "shape": dataclasses.asdict(a), "linears": layout, "threads": threads,
-              "onnxruntime": onnxruntime.__version__, "torch": _torch_version(), "q4x8": q4x8.source_key()}
+              "onnxruntime": onnxruntime.__version__, "torch": _torch_version(), "q4x8": q4x8.source_key(),
+              "candidates": cands}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16], fields
 
 
@@ -140,8 +142,8 @@ def cannot_run(kernel: str, a, spec) -> str | None:
         return None if _torch_version() is not None else "torch is not installed"
     if pick_engine(a, spec) != "ort":
         return ort_cannot_run(a, spec) or "the ort engine is for int4 decoder layers (this model has float ones)"
-    if arg == Q4X8:
-        return q4x8.why_not(int4_group_sizes(spec))
+    if arg == Q4X8:   # not compiled here: building the engine does that (and a failure excludes it)
+        return q4x8.why_not(int4_group_sizes(spec), build=False)
     return None
 
 
@@ -211,7 +213,7 @@ def choose(a, spec, threads: int, build: Callable[[str], object], *, timer=time_
     if forced == "rule" or len(cands) == 1:
         k = rule(a, spec)
         return build(k), {"kernel": k, "how": f"rule ({ENV}=rule)" if forced else "rule (the only candidate)"}
-    key, fields = cache_key(a, spec, threads)
+    key, fields = cache_key(a, spec, threads, cands)
     path = cache_path()
     hit = read_cache(path, log).get(key)
     if isinstance(hit, dict) and hit.get("kernel") in cands and hit.get("key") == fields:
@@ -220,7 +222,11 @@ def choose(a, spec, threads: int, build: Callable[[str], object], *, timer=time_
     best = best_model = ref_logits = None
     timings, excluded = {}, {}
     for k in cands:
-        model = build(k)
+        try:
+            model = build(k)
+        except BundleError as e:   # e.g. q4x8 failed to compile or load here: not this kernel, not the load
+            excluded[k] = f"cannot be built here: {e}"
+            continue
         ms, logits = timer(model)
         if ref_logits is None:
             ref_logits = logits

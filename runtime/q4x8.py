@@ -78,8 +78,12 @@ def _build(out: Path) -> None:
         proc = subprocess.run([cc, *CFLAGS, str(source_dir() / "q4x8.c"), "-o", tmp],
                               capture_output=True, text=True, timeout=300)
         if proc.returncode:
-            msg = (proc.stderr or proc.stdout).strip().splitlines()
-            raise RuntimeError(f"{Path(cc).name} failed to compile q4x8.c: {msg[0] if msg else proc.returncode}")
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            msg = next((l for l in lines if "error" in l.lower()), lines[0] if lines else f"exit {proc.returncode}")
+            raise RuntimeError(f"{Path(cc).name} failed to compile q4x8.c: {msg.strip()}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)   # mkstemp made it 0600: others sharing IB_EDGE_HOME load it too
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -131,11 +135,22 @@ def library() -> Path:
     return got
 
 
-def why_not(group_sizes=()) -> str | None:
-    """Why the kernel is not available here for linears of ``group_sizes`` (None: it is)."""
+def why_not(group_sizes=(), build: bool = True) -> str | None:
+    """Why the kernel is not available here for linears of ``group_sizes`` (None: it is).
+    ``build=False``: without compiling (a library already built or named by ``IB_EDGE_Q4X8_LIB``,
+    or a C compiler to build it with, is enough), for listing candidates cheaply."""
     why = cpu_why_not() or layout_why_not(group_sizes)
     if why:
         return why
+    if not build:
+        prebuilt = os.environ.get(ENV)
+        if prebuilt:
+            return None if Path(prebuilt).is_file() else f"{ENV}={prebuilt}: no such file"
+        got = _built.get("lib")
+        if isinstance(got, str):
+            return got
+        return None if got is not None or _compiler() else ("no C compiler found (set CC, or build the library "
+                                                            f"with cmake and set {ENV} to it)")
     try:
         library()
     except RuntimeError as e:
@@ -147,15 +162,18 @@ def pack(qweight, scales, qzeros, group: int) -> tuple[np.ndarray, np.ndarray, n
     """The portable int4 (qweight uint8 [N, K/2], low nibble = even k; scales [N, K/G]; qzeros
     uint8 [N, K/G]) -> the kernel's W uint8 [G8, K/128, 8, 64], S float32 [G8, K/128, 8], Z uint8
     [G8, K/128, 8] (G8 = ceil(N / 8); padding rows have scale 0), and N, K."""
-    qweight, scales, qzeros = (np.asarray(t) for t in (qweight, scales, qzeros))
+    qweight, qzeros = np.asarray(qweight, np.uint8), np.asarray(qzeros, np.uint8)
+    scales = np.asarray(scales, np.float32)
     n, k = qweight.shape[0], qweight.shape[1] * 2
     if group % BLOCK or k % group:
         raise ValueError(f"q4x8 needs a group size that is a multiple of {BLOCK} dividing K (group {group}, K {k})")
+    if scales.shape != (n, k // group) or qzeros.shape != (n, k // group):
+        raise ValueError(f"scales {scales.shape} / zero points {qzeros.shape}: expected ({n}, {k // group})")
     nb, rep, g8 = k // BLOCK, group // BLOCK, -(-n // ROWS)
     pad = g8 * ROWS - n
     w = qweight.reshape(n, nb, BLOCK // 2)
-    s = np.repeat(scales.astype(np.float32, copy=False), rep, axis=1)
-    z = np.repeat(qzeros.astype(np.uint8, copy=False), rep, axis=1)
+    s = np.repeat(scales, rep, axis=1)
+    z = np.repeat(qzeros, rep, axis=1)
     if pad:
         w = np.concatenate([w, np.zeros((pad, nb, BLOCK // 2), np.uint8)])
         s = np.concatenate([s, np.zeros((pad, nb), np.float32)])

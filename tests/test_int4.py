@@ -278,7 +278,8 @@ def test_beam_search_matches_transformers(which, engine, request, tmp_path):
         assert decode.beam_search(fast, emb, num_beams=3, max_new_tokens=n, eos_ids=(eos,), **kw) == ref, (n, kw)
 
 
-def test_decode_bench_smoke():
+@pytest.mark.parametrize("group", [64, 128])
+def test_decode_bench_smoke(group):
     """The decode benchmark (python -m ib_edge.bench.decode) runs end to end on a tiny
     shape, every kernel the runtime may choose, with the bitsandbytes NF4 comparison when
     bitsandbytes is installed and llama.cpp when llama_cpp/gguf are (else a reason)."""
@@ -286,26 +287,28 @@ def test_decode_bench_smoke():
 
     from ib_edge.runtime.q4x8 import cpu_why_not
 
-    res = decode_bench.bench("smoke", group_size=128, prompt_len=8, new_tokens=24, hf_tokens=12, rounds=2)
+    res = decode_bench.bench("smoke", group_size=group, prompt_len=8, new_tokens=24, hf_tokens=12, rounds=2)
     assert res["int4_decode_tok_s"] > 0 and res["transformers_fp32_decode_tok_s"] > 0
     assert res["int4_weight_MB_per_token"] > 0 and res["read_bandwidth_GB_s"] > 0
     ks = res["kernels"]
     # every kernel, ib-edge's q4x8 included where the CPU has AVX-512 VNNI (group 128 fits it)
-    want = {"ort-int8", "ort-fp32", "torch"} | ({"ort-q4x8"} if cpu_why_not() is None else set())
+    want = {"ort-int8", "ort-fp32", "torch"} | ({"ort-q4x8"} if cpu_why_not() is None and group % 128 == 0 else set())
     assert set(ks) == want and all(k["decode_tok_s"] > 0 for k in ks.values()), res["kernels_not_run"]
     assert set(res["kernels_not_run"]) == {"ort-int8", "ort-fp32", "ort-q4x8", "torch"} - want
     assert all(k["pct_of_bandwidth_bound"] <= 100 for k in ks.values())
     cpp, inter = res["llama_cpp"], res["interleaved"]
     # the ort int8-activation kernels are interleaved (with llama.cpp where installed) and the
     # headline is the fastest of them there; with nothing to interleave, the fastest one after another
-    ours = {f"ib-edge {k}" for k in ks if k in ("ort-int8", "ort-q4x8")}
+    seq_best = max(ks, key=lambda k: ks[k]["decode_tok_s"])
+    ours = {f"ib-edge {k}" for k in ks if k in ("ort-int8", "ort-q4x8")} if seq_best in ("ort-int8", "ort-q4x8") \
+        else {f"ib-edge {seq_best}"}
     has_cpp = importlib.util.find_spec("llama_cpp") is not None and importlib.util.find_spec("gguf") is not None
     if has_cpp or len(ours) > 1:
         med = inter["tok_s_median"]
         assert f"ib-edge {res['headline_kernel']}" == max(ours, key=med.get)
         assert set(inter[f"rounds_ib-edge {res['headline_kernel']}_ahead"]) == set(med) - {f"ib-edge {res['headline_kernel']}"}
     else:
-        assert res["headline_kernel"] == max(ks, key=lambda k: ks[k]["decode_tok_s"])
+        assert res["headline_kernel"] == seq_best
     if not has_cpp:
         assert cpp["measured"] is False and "not importable" in cpp["reason"]
         assert "speedup_vs_llamacpp_Q4_0_interleaved" not in res

@@ -12,7 +12,7 @@ import torch
 from ib_edge.bench.decode import random_int4_tensors
 from ib_edge.runtime import engines as eng
 from ib_edge.runtime import kernel_choice as kc
-from ib_edge.runtime.errors import InputError
+from ib_edge.runtime.errors import BundleError, InputError
 from ib_edge.runtime.llama import PRESETS, LlamaArgs, collect
 
 A = PRESETS["smoke"]
@@ -135,7 +135,7 @@ def test_q4x8_is_a_candidate_where_it_can_run(home, monkeypatch):
     AVX-512 VNNI, is chosen when measured fastest, and forcing it elsewhere says why not."""
     from ib_edge.runtime import q4x8
 
-    monkeypatch.setattr(q4x8, "why_not", lambda groups=(): q4x8.layout_why_not(groups))  # any CPU
+    monkeypatch.setattr(q4x8, "why_not", lambda groups=(), build=True: q4x8.layout_why_not(groups))  # any CPU
     spec128 = _spec(group=128)
     assert kc.candidates(A, spec128) == ["ort-fp32", "ort-int8", "ort-q4x8", "torch"]
     assert "ort-q4x8" not in kc.candidates(A, _spec(group=64))
@@ -145,10 +145,31 @@ def test_q4x8_is_a_candidate_where_it_can_run(home, monkeypatch):
     monkeypatch.setenv(kc.ENV, "ort-q4x8")
     with pytest.raises(InputError, match="group size 64 is not a multiple of 128"):
         kc.choose(A, _spec(group=64), 2, Fake, timer=_timer({}))
-    monkeypatch.setattr(q4x8, "why_not", lambda groups=(): "this CPU lacks avx512_vnni (the q4x8 kernel needs ...)")
+    monkeypatch.setattr(q4x8, "why_not", lambda groups=(), build=True: "this CPU lacks avx512_vnni (...)")
     assert "ort-q4x8" not in kc.candidates(A, spec128)
     with pytest.raises(InputError, match="lacks avx512_vnni"):
         kc.choose(A, spec128, 2, Fake, timer=_timer({}))
+
+
+def test_a_kernel_that_fails_to_build_is_excluded_not_fatal(home, monkeypatch):
+    """A candidate whose engine cannot be built here (q4x8: the compile failed) is excluded with
+    the reason; the load goes on with the others. A new candidate set is a new cache entry."""
+    from ib_edge.runtime import q4x8
+
+    monkeypatch.setattr(q4x8, "why_not", lambda groups=(), build=True: q4x8.layout_why_not(groups))
+    spec = _spec(group=128)
+
+    def build(k):
+        if k == "ort-q4x8":
+            raise BundleError("the ort LLM engine cannot run this model: cc failed to compile q4x8.c: error: x")
+        return Fake(k)
+
+    m, rec = kc.choose(A, spec, 2, build, timer=_timer({"ort-fp32": 9, "ort-int8": 5, "torch": 7}), log=print)
+    assert m.kernel == "ort-int8" and "failed to compile" in rec["excluded"]["ort-q4x8"]
+    assert rec["key"]["candidates"] == ["ort-fp32", "ort-int8", "ort-q4x8", "torch"]
+    monkeypatch.setattr(q4x8, "why_not", lambda groups=(), build=True: "no C compiler found")
+    m2, rec2 = kc.choose(A, spec, 2, Fake, timer=_timer({"ort-fp32": 9, "ort-int8": 5, "torch": 7}), log=print)
+    assert rec2["how"] == "measured now"    # other candidates: not the first entry
 
 
 def test_real_measurement_on_the_smoke_model(home):

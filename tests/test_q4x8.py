@@ -11,6 +11,7 @@ With random activations its error is that of int8 activations, compared against 
 own MatMulNBits at accuracy_level 4 on the same weights."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -66,6 +67,8 @@ def test_pack_layout():
     assert not s[1, :, 3:].any()
     with pytest.raises(ValueError, match="multiple of 128"):
         q4x8.pack(*_weights(8, 256, 64), 64)
+    with pytest.raises(ValueError, match="expected"):
+        q4x8.pack(qw, sc[:, :1], qz, 256)
 
 
 def _matmulnbits(x, qw, sc, qz, group, n, k):
@@ -116,19 +119,33 @@ def _op_session(packed, k, n, threads=2, w_shape=None):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_onnxruntime_op_matches_the_kernel(threads):
+@pytest.mark.parametrize("n", [1000, 1001])
+def test_onnxruntime_op(threads, n):
     """Inside ONNX Runtime (the ABI of ort_abi.h against the installed onnxruntime, the parallel
-    split over its thread pool) the op gives the calling-thread kernel's result bit for bit,
-    for rank-3 input too; a 0-row input gives a 0-row output."""
-    n, k = 1000, 1024
+    split over its thread pool): exact against float64 on grid activations, N with and without a
+    partial last row group, rank-3 and rank-1 inputs; a 0-row input gives a 0-row output."""
+    k = 1024
     qw, sc, qz = _weights(n, k, 128, seed=6)
-    packed = q4x8.pack(qw, sc, qz, 128)
-    x = np.random.default_rng(7).standard_normal((2, 5, k)).astype(np.float32)
-    sess = _op_session(packed, k, n, threads)
+    sess = _op_session(q4x8.pack(qw, sc, qz, 128), k, n, threads)
+    x = _grid_activations(10, k, seed=7).reshape(2, 5, k)
     (y,) = sess.run(None, {"A": x})
+    want = x.reshape(10, k).astype(np.float64) @ _dequant(qw, sc, qz, 128).T
     assert y.shape == (2, 5, n)
-    assert np.array_equal(y.reshape(10, n), q4x8.matmul(x.reshape(10, k), packed))
+    assert np.abs(y.reshape(10, n) - want).max() <= 2e-6 * np.abs(want).max()
+    (y1,) = sess.run(None, {"A": x[0, 0]})
+    assert y1.shape == (n,) and np.array_equal(y1, y[0, 0])
     assert sess.run(None, {"A": np.zeros((0, k), np.float32)})[0].shape == (0, n)
+
+
+def test_nan_and_inf_reach_the_output():
+    """A NaN or an infinity in an activation block makes that row's outputs NaN (as a float
+    matmul's would be), not finite numbers; other rows are untouched."""
+    qw, sc, qz = _weights(16, 256, 128)
+    packed = q4x8.pack(qw, sc, qz, 128)
+    x = _grid_activations(3, 256)
+    x[0, 5], x[1, 200] = np.nan, np.inf
+    y = q4x8.matmul(x, packed)
+    assert np.isnan(y[0]).all() and np.isnan(y[1]).all() and np.isfinite(y[2]).all()
 
 
 def test_onnxruntime_op_rejects_mismatched_shapes():
@@ -158,12 +175,28 @@ def test_reasons_it_is_not_offered(tmp_path, monkeypatch):
     assert not (tmp_path / "home" / "native").exists() or not any((tmp_path / "home" / "native").iterdir())
 
 
+def test_a_failed_compile_is_one_line_with_the_compiler_error(tmp_path, monkeypatch):
+    cc = tmp_path / "fake-cc"
+    cc.write_text("#!/bin/sh\necho 'In file included from q4x8.c:1:' >&2\n"
+                  "echo 'q4x8.c:9:1: error: something is wrong' >&2\nexit 1\n")
+    cc.chmod(0o755)
+    monkeypatch.setattr(q4x8, "_built", {})
+    monkeypatch.setenv("IB_EDGE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CC", str(cc))
+    why = q4x8.why_not([128])
+    assert why == "fake-cc failed to compile q4x8.c: q4x8.c:9:1: error: something is wrong"
+    assert not list((tmp_path / "home" / "native").iterdir())    # nothing half-written left
+
+
 def test_built_once_into_the_cache_home_not_the_working_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(q4x8, "_built", {})
     monkeypatch.setenv("IB_EDGE_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     lib = q4x8.library()
     assert lib.parent == tmp_path / "home" / "native" and lib.is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert lib.stat().st_mode & 0o777 == 0o755 & ~umask    # loadable by others sharing IB_EDGE_HOME
     assert [p.name for p in tmp_path.iterdir()] == ["home"]
     monkeypatch.setattr(q4x8, "_built", {})
     mtime = lib.stat().st_mtime_ns

@@ -3,7 +3,8 @@
  *
  * ONNX Runtime's OrtApi is a table of function pointers that only ever grows at its end: an entry
  * keeps its position in every later release, and GetApi(v) hands out the table of API version v.
- * The positions below are those of ONNX Runtime's public onnxruntime_c_api.h (counted entry by entry;
+ * The positions below are those of ONNX Runtime's public onnxruntime_c_api.h (counted entry by entry
+ * and checked with offsetof against that header;
  * the _Static_asserts pin them); KernelContext_ParallelFor (position 274) arrived in API version
  * 17 (ONNX Runtime 1.17), the oldest this library asks for. OrtCustomOp is the layout of its
  * version 16 (the version q4x8.c declares, so ONNX Runtime reads no field past KernelComputeV2).
@@ -58,7 +59,9 @@ typedef struct OrtApi {
     void (*ReleaseStatus)(OrtStatus *status);                                                         /* 93 */
     IB_GAP(94, 98);
     void (*ReleaseTensorTypeAndShapeInfo)(OrtTensorTypeAndShapeInfo *info);                           /* 99 */
-    IB_GAP(100, 273);
+    IB_GAP(100, 100);
+    void (*ReleaseCustomOpDomain)(OrtCustomOpDomain *domain);                                         /* 101 */
+    IB_GAP(102, 273);
     OrtStatus *(*KernelContext_ParallelFor)(const OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t total,
                                             size_t num_batch, void *user);                           /* 274 */
 } OrtApi;
@@ -72,6 +75,7 @@ IB_AT(KernelInfoGetAttribute_int64, 86);
 IB_AT(KernelContext_GetInput, 90);
 IB_AT(ReleaseStatus, 93);
 IB_AT(ReleaseTensorTypeAndShapeInfo, 99);
+IB_AT(ReleaseCustomOpDomain, 101);
 IB_AT(KernelContext_ParallelFor, 274);
 
 typedef struct OrtApiBase {

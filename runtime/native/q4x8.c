@@ -47,12 +47,17 @@ static void quantize_row(const float *x, int64_t K, int8_t *xq, float *dx, float
     for (int64_t b = 0; b < K / QB; b++) {
         const float *xb = x + b * QB;
         __m512 v[8], m = _mm512_setzero_ps();
+        __mmask16 nan = 0;
         for (int i = 0; i < 8; i++) {
             v[i] = _mm512_loadu_ps(xb + 16 * i);
             m = _mm512_max_ps(m, _mm512_abs_ps(v[i]));
+            nan |= _mm512_cmp_ps_mask(v[i], v[i], _CMP_UNORD_Q);
         }
-        float amax = _mm512_reduce_max_ps(m);
-        float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        /* a NaN (max_ps would drop it) or an infinity makes the block's scale NaN, so every output
+         * that reads the block is NaN, as a float matmul would give, not finite garbage */
+        float amax = nan ? __builtin_nanf("") : _mm512_reduce_max_ps(m);
+        float d = amax / 127.0f, inv = (amax > 0.0f && amax <= __FLT_MAX__) ? 127.0f / amax : 0.0f;
+        if (amax > __FLT_MAX__) d = __builtin_nanf("");
         __m512 s = _mm512_set1_ps(inv);
         __m512i total = _mm512_setzero_si512();
         int8_t *q = xq + b * QB;
@@ -290,19 +295,26 @@ static const OrtApiBase *api_base;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 
 static void make_domain(void) {
-    api = api_base->GetApi(IB_ORT_API_VERSION);
+    const OrtApiBase *base = __atomic_load_n(&api_base, __ATOMIC_ACQUIRE);
+    api = base->GetApi(IB_ORT_API_VERSION);
     if (!api) return;   /* an ONNX Runtime older than 1.17 */
     OrtStatus *st = api->CreateCustomOpDomain("ib_edge", &domain);
-    if (!st) st = api->CustomOpDomain_Add(domain, &q4x8_op);
+    if (!st) {
+        st = api->CustomOpDomain_Add(domain, &q4x8_op);
+        if (st) { api->ReleaseCustomOpDomain(domain); domain = NULL; }
+    }
     if (st) { api->ReleaseStatus(st); domain = NULL; }
 }
 
 /* ONNX Runtime's entry point (SessionOptions.register_custom_ops_library); may be called from
  * several threads, once per session options. */
 IB_EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
-    api_base = base;
+    __atomic_store_n(&api_base, base, __ATOMIC_RELEASE);   /* the same pointer from every caller */
     pthread_once(&once, make_domain);
-    if (!api) return NULL;   /* too old an ONNX Runtime: nothing registered, the graph fails to load */
+    if (!api) {   /* every ONNX Runtime has API version 1's CreateStatus at position 0 */
+        const OrtApi *v1 = base->GetApi(1);
+        return v1 ? v1->CreateStatus(ORT_FAIL, "MatMulQ4x8 needs ONNX Runtime 1.17 or later") : NULL;
+    }
     if (!ib_q4x8_cpu_ok()) return api->CreateStatus(ORT_FAIL, "MatMulQ4x8 needs AVX-512 F/BW/VL and VNNI");
     if (!domain) return api->CreateStatus(ORT_FAIL, "MatMulQ4x8: ONNX Runtime refused the ib_edge op domain");
     return api->AddCustomOpDomain(options, domain);
