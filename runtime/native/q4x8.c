@@ -73,42 +73,71 @@ static void quantize_row(const float *x, int64_t K, int8_t *xq, float *dx, float
     }
 }
 
-/* RR output rows (group g) for M activation rows: y[m * ldy + g * RR + r], r < rows. */
-static void group_rows(const uint8_t *W, const float *S, const uint8_t *Z, int64_t nb, int64_t g, int rows,
-                       int64_t M, const int8_t *xq, const float *dx, const float *dsx, float *y, int64_t ldy) {
+/* RR output rows (group g) for activation row m (and m + 1 when two): y[m * ldy + g * RR + r],
+ * r < rows. Two rows share each weight load and nibble unpack (prefill, batched decode). */
+static inline void group_rows_at(const uint8_t *W, const float *S, const uint8_t *Z, int64_t nb, int64_t g, int rows,
+                                 int64_t m, int two, const int8_t *xq, const float *dx, const float *dsx, float *y,
+                                 int64_t ldy) {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     const uint8_t *w0 = W + (size_t)g * nb * RR * 64;
     const float *s0 = S + (size_t)g * nb * RR;
     const uint8_t *z0 = Z + (size_t)g * nb * RR;
-    for (int64_t m = 0; m < M; m++) {
-        const int8_t *xm = xq + m * nb * QB;
-        const float *dxm = dx + m * nb, *dsxm = dsx + m * nb;
-        __m512 acc[RR];
-        __m256 corr = _mm256_setzero_ps();
-        float sc[RR] __attribute__((aligned(32)));
-        for (int r = 0; r < RR; r++) acc[r] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < nb; b++) {
-            const __m512i xl = _mm512_loadu_si512(xm + b * QB), xh = _mm512_loadu_si512(xm + b * QB + 64);
-            const uint8_t *wb = w0 + (size_t)b * RR * 64;
-            if (m == 0)
-                for (int p = 0; p < RR; p++) _mm_prefetch((const char *)(wb + PREFETCH + 64 * p), _MM_HINT_T0);
-            const __m256 sv = _mm256_loadu_ps(s0 + b * RR);
-            _mm256_store_ps(sc, _mm256_mul_ps(sv, _mm256_set1_ps(dxm[b])));
-            const __m256 zv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(z0 + b * RR))));
-            corr = _mm256_fmadd_ps(_mm256_mul_ps(sv, zv), _mm256_set1_ps(dsxm[b]), corr);
+    const int8_t *x0 = xq + m * nb * QB, *x1 = x0 + (two ? nb * QB : 0);
+    const float *dx0 = dx + m * nb, *dx1 = dx0 + (two ? nb : 0);
+    const float *ds0 = dsx + m * nb, *ds1 = ds0 + (two ? nb : 0);
+    __m512 acc0[RR], acc1[RR];
+    __m256 corr0 = _mm256_setzero_ps(), corr1 = _mm256_setzero_ps();
+    float sc0[RR] __attribute__((aligned(32))), sc1[RR] __attribute__((aligned(32)));
+    for (int r = 0; r < RR; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *wb = w0 + (size_t)b * RR * 64;
+        if (m == 0)
+            for (int p = 0; p < RR; p++) _mm_prefetch((const char *)(wb + PREFETCH + 64 * p), _MM_HINT_T0);
+        const __m256 sv = _mm256_loadu_ps(s0 + b * RR);
+        const __m256 sz = _mm256_mul_ps(sv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                                _mm_loadl_epi64((const __m128i *)(z0 + b * RR)))));
+        const __m512i xl0 = _mm512_loadu_si512(x0 + b * QB), xh0 = _mm512_loadu_si512(x0 + b * QB + 64);
+        _mm256_store_ps(sc0, _mm256_mul_ps(sv, _mm256_set1_ps(dx0[b])));
+        corr0 = _mm256_fmadd_ps(sz, _mm256_set1_ps(ds0[b]), corr0);
+        if (two) {
+            const __m512i xl1 = _mm512_loadu_si512(x1 + b * QB), xh1 = _mm512_loadu_si512(x1 + b * QB + 64);
+            _mm256_store_ps(sc1, _mm256_mul_ps(sv, _mm256_set1_ps(dx1[b])));
+            corr1 = _mm256_fmadd_ps(sz, _mm256_set1_ps(ds1[b]), corr1);
             for (int r = 0; r < RR; r++) {
                 const __m512i w = _mm512_loadu_si512(wb + 64 * r);
                 const __m512i lo = _mm512_and_si512(w, low4);
                 const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
-                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl);
-                dot = _mm512_dpbusd_epi32(dot, hi, xh);
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(sc[r]), acc[r]);
+                const __m512i d0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl0), hi, xh0);
+                const __m512i d1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl1), hi, xh1);
+                acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(sc0[r]), acc0[r]);
+                acc1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(sc1[r]), acc1[r]);
+            }
+        } else {
+            for (int r = 0; r < RR; r++) {
+                const __m512i w = _mm512_loadu_si512(wb + 64 * r);
+                const __m512i lo = _mm512_and_si512(w, low4);
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+                const __m512i d0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl0), hi, xh0);
+                acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(sc0[r]), acc0[r]);
             }
         }
-        float c[RR];
-        _mm256_storeu_ps(c, corr);
-        for (int r = 0; r < rows; r++) y[m * ldy + g * RR + r] = _mm512_reduce_add_ps(acc[r]) - c[r];
     }
+    float c[RR];
+    _mm256_storeu_ps(c, corr0);
+    for (int r = 0; r < rows; r++) y[m * ldy + g * RR + r] = _mm512_reduce_add_ps(acc0[r]) - c[r];
+    if (two) {
+        _mm256_storeu_ps(c, corr1);
+        for (int r = 0; r < rows; r++) y[(m + 1) * ldy + g * RR + r] = _mm512_reduce_add_ps(acc1[r]) - c[r];
+    }
+}
+
+/* RR output rows (group g) for all M activation rows, two at a time while the group's weights
+ * (8 rows x K/2 bytes) stay in L1/L2. */
+static void group_rows(const uint8_t *W, const float *S, const uint8_t *Z, int64_t nb, int64_t g, int rows,
+                       int64_t M, const int8_t *xq, const float *dx, const float *dsx, float *y, int64_t ldy) {
+    int64_t m = 0;
+    for (; m + 1 < M; m += 2) group_rows_at(W, S, Z, nb, g, rows, m, 1, xq, dx, dsx, y, ldy);
+    if (m < M) group_rows_at(W, S, Z, nb, g, rows, m, 0, xq, dx, dsx, y, ldy);
 }
 
 /* The whole product on the calling thread, for tests and benchmarks outside ONNX Runtime. */
