@@ -6,7 +6,8 @@
   gate/up fused, down; int4, group 64 and 128) streamed from DRAM once, as one decode step
   reads them: torch's ``_weight_int4pack_mm_for_cpu`` (the fast path's torch engine) against ONNX
   Runtime's ``MatMulNBits`` (int8 compute, ``accuracy_level=4``; the ort engine's kernel) with all
-  88 nodes in one session, and a
+  88 nodes in one session, ib-edge's own ``MatMulQ4x8`` (the ``ort-q4x8`` kernel, runtime/q4x8.py)
+  where the CPU runs it, and a
   plain ``torch.sum`` over a 1 GiB array (read bandwidth). Separate weights per layer, so the
   caches cannot hold them (a single matrix timed in a loop fits in L3 and flatters a kernel 2-3x).
 * INT8 GEMM peak: a 2048-cube product in torch fp32, bf16 (operands converted beforehand),
@@ -52,9 +53,13 @@ def torch_int4(group: int) -> dict:
     return {"ms": round(t * 1e3, 2), "MB": round(nbytes / 1e6), "GB_s": round(nbytes / t / 1e9, 2)}
 
 
-def ort_nbits(group: int, threads: int, accuracy_level: int = 4) -> dict:
+def ort_nbits(group: int, threads: int, accuracy_level: int = 4, q4x8: bool = False) -> dict:
+    """The 88 linears in one ONNX Runtime session: ``MatMulNBits`` at ``accuracy_level``, or
+    (``q4x8``) ib-edge's own op (runtime/q4x8.py) on the same int4 weights with zero points."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from ib_edge.runtime import q4x8 as q4
 
     rng = np.random.default_rng(0)
     nodes, inits, outs, nbytes = [], [], [], 0
@@ -63,20 +68,32 @@ def ort_nbits(group: int, threads: int, accuracy_level: int = 4) -> dict:
             i, nb = f"{layer}_{j}", k // group
             b = rng.integers(0, 256, (n, nb, group // 2), dtype=np.uint8)
             s = np.full((n * nb,), 0.01, np.float32)
-            inits += [numpy_helper.from_array(b, "B" + i), numpy_helper.from_array(s, "S" + i)]
-            nbytes += b.nbytes + s.nbytes
-            nodes.append(helper.make_node("MatMulNBits", [f"A{k}", "B" + i, "S" + i], ["Y" + i], domain="com.microsoft",
-                                          K=k, N=n, bits=4, block_size=group, accuracy_level=accuracy_level))
+            if q4x8:
+                w, s, z, _, _ = q4.pack(b.reshape(n, k // 2), s.reshape(n, nb), np.full((n, nb), 8, np.uint8), group)
+                arrays = {"B" + i: w, "S" + i: s, "Z" + i: z}
+                nodes.append(helper.make_node(q4.OP, [f"A{k}", "B" + i, "S" + i, "Z" + i], ["Y" + i], domain=q4.DOMAIN,
+                                              K=k, N=n))
+            else:
+                arrays = {"B" + i: b, "S" + i: s}
+                nodes.append(helper.make_node("MatMulNBits", [f"A{k}", "B" + i, "S" + i], ["Y" + i],
+                                              domain="com.microsoft", K=k, N=n, bits=4, block_size=group,
+                                              accuracy_level=accuracy_level))
+            inits += [numpy_helper.from_array(v, name) for name, v in arrays.items()]
+            nbytes += sum(v.nbytes for v in arrays.values())
             outs.append(helper.make_tensor_value_info("Y" + i, TensorProto.FLOAT, [1, n]))
     ins = [helper.make_tensor_value_info(f"A{k}", TensorProto.FLOAT, [1, k]) for k in sorted({k for _, k in SHAPES})]
-    model = helper.make_model(helper.make_graph(nodes, "linears", ins, outs, inits),
-                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    if q4x8:
+        opsets.append(helper.make_opsetid(q4.DOMAIN, 1))
+    model = helper.make_model(helper.make_graph(nodes, "linears", ins, outs, inits), opset_imports=opsets)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    if q4x8:
+        opts.register_custom_ops_library(str(q4.library()))
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     feed = {i.name: rng.standard_normal((1, int(i.name[1:]))).astype(np.float32) for i in sess.get_inputs()}
     t = _best(lambda: sess.run(None, feed))
-    return {"ms": round(t * 1e3, 2), "MB": round(nbytes / 1e6), "GB_s": round(nbytes / t / 1e9, 2)}
+    return {"ms": round(t * 1e3, 2), "MB": round(nbytes / 1e6), "bytes": nbytes, "GB_s": round(nbytes / t / 1e9, 2)}
 
 
 def gemm_peaks(threads: int, size: int = 2048) -> dict:
@@ -171,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         for g in groups:
             tag = "" if lvl == 4 and not args.sweep else f"_acc{lvl}"
             res["decode_linears_from_dram"][f"ort_MatMulNBits_g{g}{tag}"] = ort_nbits(g, args.threads, lvl)
+    from ib_edge.runtime.q4x8 import why_not
+
+    why = why_not([128])   # ib-edge's own int4 op (the ort-q4x8 kernel), where this CPU runs it
+    res["decode_linears_from_dram"]["ort_q4x8_g128"] = ({"not_run": why} if why else ort_nbits(128, args.threads, q4x8=True))
     res["gemm_2048"] = gemm_peaks(args.threads)
     if args.profile_graph:
         res["profile"] = {"graph": args.profile_graph, **profile_graph(args.profile_graph, args.threads, args.precision)}

@@ -216,3 +216,18 @@ def test_cmake_builds_the_library(tmp_path, monkeypatch):
     got = _op_session(q4x8.pack(qw, sc, qz, 128), 256, 24).run(None, {"A": x})[0]
     want = x.astype(np.float64) @ _dequant(qw, sc, qz, 128).T
     assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
+
+
+def test_kernels_bench_times_the_op_beside_matmulnbits(monkeypatch):
+    """python -m ib_edge.bench.kernels times the 88 decoder linears on MatMulNBits and on this op
+    (here on a tiny stand-in shape; the real one streams 515 MB)."""
+    from ib_edge.bench import kernels
+
+    monkeypatch.setattr(kernels, "SHAPES", ((24, 256), (16, 384)))
+    monkeypatch.setattr(kernels, "LAYERS", 2)
+    ours, theirs = kernels.ort_nbits(128, 2, q4x8=True), kernels.ort_nbits(128, 2)
+    # bytes: 4-bit weights + a float scale per 128 (+ a zero-point byte per 128 for ours)
+    weights = 2 * (24 * 256 + 16 * 384) // 2
+    assert theirs["bytes"] == weights + 2 * (24 * 2 + 16 * 3) * 4
+    assert ours["bytes"] == weights + 2 * (24 * 2 + 16 * 3) * 5
+    assert ours["ms"] > 0 and theirs["ms"] > 0
