@@ -86,6 +86,7 @@ class _Graph:
 
     def __init__(self, matmul: int | str = ACCURACY_LEVEL):
         self.nodes, self.inits, self.arrays = [], [], {}
+        self.bound, self.bound_inputs = {}, []   # weights fed as graph inputs (q4x8, below)
         self.n = 0
         self.matmul = matmul
 
@@ -98,6 +99,15 @@ class _Graph:
         self.inits.append(pb.tensor(name, arr, external={"location": _PLACEHOLDER, "offset": "0",
                                                          "length": str(arr.nbytes)}))
         self.arrays[name] = arr
+        return name
+
+    def bound_weight(self, name: str, arr: np.ndarray) -> str:
+        """A weight that is a graph input, bound once to our array through the IO binding: ONNX
+        Runtime then reads it in place (an initializer it would copy at session creation, which
+        at 7B held a third copy of the int4 weights during the load)."""
+        arr = np.ascontiguousarray(arr)
+        self.bound_inputs.append(pb.value_info(name, pb.tensor_type(arr), list(arr.shape)))
+        self.bound[name] = arr
         return name
 
     def const(self, name: str, arr: np.ndarray) -> str:  # small constants live in the proto
@@ -113,8 +123,8 @@ class _Graph:
         if spec.kind == "int4" and self.matmul == Q4X8:
             w, s, z, n, k = q4x8.pack(as_numpy(spec.qweight), as_numpy(spec.scales), as_numpy(spec.qzeros),
                                       spec.group_size)
-            y = self.op(q4x8.OP, [x, self.weight(tag + ".W", w), self.weight(tag + ".S", s),
-                                  self.weight(tag + ".Z", z)], domain=q4x8.DOMAIN, K=k, N=n)
+            y = self.op(q4x8.OP, [x, self.bound_weight(tag + ".W", w), self.bound_weight(tag + ".S", s),
+                                  self.bound_weight(tag + ".Z", z)], domain=q4x8.DOMAIN, K=k, N=n)
         elif spec.kind == "int4":
             b, s, zp, n, k = _nbits(spec.qweight, spec.scales, spec.qzeros, spec.group_size)
             y = self.op("MatMulNBits", [x, self.weight(tag + ".B", b), self.weight(tag + ".scales", s),
@@ -144,9 +154,11 @@ def _f32(x) -> np.ndarray:
     return as_numpy(x).astype(np.float32, copy=False)
 
 
-def build_graph(a: LlamaArgs, specs: ModelSpec, matmul: int | str = ACCURACY_LEVEL) -> tuple[bytes, dict[str, np.ndarray]]:
-    """The decoder-step ONNX model, serialized (weights as external placeholders), and its weight
-    arrays; ``matmul``: MatMulNBits' compute type (4: int8 activations, 1: fp32) or "q4x8"."""
+def build_graph(a: LlamaArgs, specs: ModelSpec, matmul: int | str = ACCURACY_LEVEL
+                ) -> tuple[bytes, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The decoder-step ONNX model, serialized (weights as external placeholders), its weight
+    arrays (initializers) and the weights that are graph inputs, bound at run time (q4x8's);
+    ``matmul``: MatMulNBits' compute type (4: int8 activations, 1: fp32) or "q4x8"."""
     g = _Graph(matmul)
     f, i32 = pb.FLOAT, pb.INT32
     inputs = [pb.value_info("inputs_embeds", f, ["batch", "seq", a.hidden_size]),
@@ -187,10 +199,10 @@ def build_graph(a: LlamaArgs, specs: ModelSpec, matmul: int | str = ACCURACY_LEV
     y = g.linear(last, specs.head, "lm_head")
     g.nodes.append(pb.node("Reshape", [y, g.const("logits_shape", np.array([-1, a.vocab_size], np.int64))],
                            ["logits"], "logits_reshape"))
-    model = pb.model(g.nodes, "ib_edge_llama_step", inputs, outputs, g.inits,
+    model = pb.model(g.nodes, "ib_edge_llama_step", inputs + g.bound_inputs, outputs, g.inits,
                      opsets={"": 18, "com.microsoft": 1, **({q4x8.DOMAIN: 1} if matmul == Q4X8 else {})},
                      ir_version=10)
-    return model, g.arrays
+    return model, g.arrays, g.bound
 
 
 class OrtLlama(StaticKVCache):
@@ -213,20 +225,23 @@ class OrtLlama(StaticKVCache):
         self._weight_bytes = specs.weight_bytes_per_token(a)
         self.kernel = KERNEL_NAMES.get(matmul, f"ort-acc{matmul}")
         opts = ort_session_options(ort, threads, log_severity=4)   # failures: one BundleError line below
-        model, arrays = build_graph(a, specs, matmul)
-        names = list(arrays)
-        opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(arrays[n]) for n in names])
         try:
             if matmul == Q4X8:
                 opts.register_custom_ops_library(str(q4x8.library()))
-            with WeightPages() as pages:   # ORT's copies of the weights on 2 MiB pages (hugepages.py)
+            # the weights on 2 MiB pages (hugepages.py): ORT's copies made while the session is
+            # built, and the bound weights (q4x8's, ours) packed inside the block as well
+            with WeightPages() as pages:
+                model, arrays, self._weights = build_graph(a, specs, matmul)
+                names = list(arrays)
+                opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(arrays[n]) for n in names])
                 self.sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types
             raise BundleError(f"ONNX Runtime cannot build the LLM decoder graph: {str(e).splitlines()[0]}",
                               hint="run with --llm-engine torch") from None
         self.huge_pages = pages.record
-        # ORT copied the weights into its own buffers (MatMulNBits' prepacked ones; the q4x8 op's
-        # as given): ours go (tests/test_ortllm.py zeroes them after the build and decodes the same)
+        # ORT copied the initializers into its own buffers (MatMulNBits' weights prepacked): ours
+        # go (tests/test_ortllm.py zeroes them after the build and decodes the same). The bound
+        # weights (q4x8's) stay ours, read in place every step.
         del arrays, model
         self._no_cache()
         self._io = self._io_cache = None
@@ -278,6 +293,8 @@ class OrtLlama(StaticKVCache):
         the 2 x 2 x 22 buffers of the TinyLlama shape costs ~0.3 ms, per step if redone."""
         if self._io_cache is not self.k_cache:
             io = self.sess.io_binding()
+            for name, arr in self._weights.items():
+                _bind(io.bind_input, name, arr)
             for i, (kc, vc) in enumerate(zip(self.k_cache, self.v_cache)):
                 for kind, buf in (("key", kc), ("value", vc)):
                     _bind(io.bind_input, f"past_{kind}.{i}", buf)
@@ -290,4 +307,4 @@ class OrtLlama(StaticKVCache):
 
 
 def _bind(fn, name: str, t: np.ndarray) -> None:
-    fn(name, "cpu", 0, np.float32, list(t.shape), t.ctypes.data)
+    fn(name, "cpu", 0, t.dtype, list(t.shape), t.ctypes.data)

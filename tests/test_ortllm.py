@@ -112,7 +112,8 @@ def test_onnx_proto_writer_matches_onnx_helper():
     from ib_edge.runtime.ortllm import build_graph
 
     a = ODD
-    model_bytes, arrays = build_graph(a, eng.collect(a, _tensors(a, 64), 64))
+    model_bytes, arrays, bound = build_graph(a, eng.collect(a, _tensors(a, 64), 64))
+    assert bound == {}   # MatMulNBits: every weight an initializer
     ours = onnx.ModelProto.FromString(model_bytes)
     assert len(ours.graph.node) > 20 and {n.op_type for n in ours.graph.node} >= {"MatMulNBits", "GroupQueryAttention"}
     # the same messages through onnx.helper, from what our proto says (a round trip per field)
@@ -203,10 +204,14 @@ def test_ort_engine_bad_group_size_is_one_line():
 
 
 @pytest.mark.parametrize("kernel", ["ort-int8", "ort-q4x8"])
-def test_ort_engine_owns_its_weights(kernel, monkeypatch):
-    """OrtLlama drops the arrays it fed ONNX Runtime as external initializers: that is safe only
-    because ORT copies them at session creation (prepacked for MatMulNBits, as given for the
-    q4x8 op). Zeroing every array after the build must not change the logits."""
+def test_ort_engine_weight_ownership(kernel, monkeypatch):
+    """Initializers: OrtLlama drops the arrays it fed ONNX Runtime, safe only because ORT copies
+    them at session creation (MatMulNBits' prepacked): zeroing them after the build changes no
+    logit. q4x8's weights are graph inputs bound to the engine's own arrays instead (no ORT copy,
+    one copy fewer at load): the engine holds them and ORT reads them in place, so zeroing them
+    does change the logits."""
+    import gc
+
     from ib_edge.runtime import ortllm
 
     a = ODD128
@@ -219,13 +224,22 @@ def test_ort_engine_owns_its_weights(kernel, monkeypatch):
     monkeypatch.setattr(ortllm, "build_graph", lambda *args: fed.append(real(*args)) or fed[-1])
     m = eng.assemble(a, dict(t), 128, kernel)
     x = np.random.default_rng(0).standard_normal((1, 4, a.hidden_size)).astype(np.float32)
+    (_, arrays, bound), = fed
+    fed.clear()
+    gc.collect()
     m.setup_cache(8)
     before = m(x, 0)
-    (_, arrays), = fed
     for arr in arrays.values():
         arr[...] = 0
     m.setup_cache(8)
     assert np.array_equal(m(x, 0), before)
+    assert bool(bound) == (kernel == "ort-q4x8")
+    if bound:
+        assert all(m._weights[k] is v for k, v in bound.items())
+        for arr in bound.values():
+            arr[...] = 0
+        m.setup_cache(8)
+        assert not np.array_equal(m(x, 0), before)
 
 
 def test_int4_engines_batched_decode_match_dequantized_fp32():
