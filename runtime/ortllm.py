@@ -16,7 +16,9 @@ weights at 13-18 GB/s on this machine, ``MatMulNBits`` (int8 compute, ``accuracy
 
 Weights reach ONNX Runtime as OrtValues over our own numpy arrays
 (``SessionOptions.add_external_initializers``): the graph proto holds no weight bytes (no 2 GB
-protobuf limit, no serialisation copy).
+protobuf limit, no serialisation copy); ORT copies them into its own buffers at session creation.
+The q4x8 kernel's weights (``runtime/q4x8.py``) are graph inputs instead, bound once through the
+IO binding to our packed arrays, which ORT then reads in place (one copy fewer while loading).
 
 No torch and no ``onnx`` package: the graph is written by ``onnx_proto``, weights, KV cache and
 logits are numpy (an int4 bundle answers from onnxruntime, numpy, tokenizers and Pillow alone;
