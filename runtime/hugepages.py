@@ -11,7 +11,8 @@ on 2 MiB pages; on the idle machine decode ran +5 % and +12 % faster in two of t
 runs (every round of those two), +0.5 % in the third.
 
 So, after the session is built, the anonymous mappings that appeared or grew while ORT built it
-(its weight buffers) are madvised ``MADV_HUGEPAGE`` and collapsed with ``MADV_COLLAPSE`` (Linux
+(its weight buffers; for the q4x8 kernel, whose weights ORT reads in place, the arrays packed in
+the same block) are madvised ``MADV_HUGEPAGE`` and collapsed with ``MADV_COLLAPSE`` (Linux
 6.1+; synchronous; it ignores the sysfs THP mode). Best effort: where the kernel lacks it, or
 memory is too fragmented for 2 MiB pages, the pages stay as they are and decode runs at the old
 speed; nothing else changes (the bytes are the same). ``IB_EDGE_HUGEPAGES=0`` turns it off.

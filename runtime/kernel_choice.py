@@ -44,15 +44,16 @@ from .cpuinfo import cpu_string
 from .decode import as_numpy
 from .errors import BundleError, InputError
 from . import q4x8
-from .ortllm import Q4X8, int4_group_sizes, ort_cannot_run
+from .ortllm import KERNEL_NAMES, Q4X8, int4_group_sizes, ort_cannot_run
 from .paths import cache_home
 
 ENV = "IB_EDGE_LLM_KERNEL"
 CACHE_FILE = "llm-kernels.json"
 CACHE_SCHEMA = 1
 LOGITS_COSINE_FLOOR = 0.999          # the logits gate of tests/test_ortllm.py
-# name -> (engine, MatMulNBits accuracy_level); ordered most exact first (the accuracy reference)
-KERNELS = {"ort-fp32": ("ort", 1), "ort-int8": ("ort", 4), "ort-q4x8": ("ort", "q4x8"), "torch": ("torch", None)}
+# name -> (engine, the ort engine's matmul: MatMulNBits accuracy_level or "q4x8"); ordered most
+# exact first (the accuracy reference)
+KERNELS = {**{name: ("ort", arg) for arg, name in KERNEL_NAMES.items()}, "torch": ("torch", None)}
 ENGINE_DEFAULT_KERNEL = {"ort": "ort-int8", "torch": "torch"}
 # the rule's engine where it can run the model: ~1.5x the torch engine's decode rate on the
 # TinyLlama-shaped bench (30.8-51.0 vs 23.2-27.4 tokens/s over 8 runs, README)
@@ -69,7 +70,7 @@ def cache_path() -> Path:
     return cache_home() / CACHE_FILE
 
 
-def cache_key(a, spec, threads: int, cands: list[str] | None = None) -> tuple[str, dict]:
+def cache_key(a, spec, threads: int, cands: list[str]) -> tuple[str, dict]:
     """(short hash, the fields it hashes): CPU string, model shape, int4 layout, engine options,
     the kernel libraries' versions and the candidates (a kernel that becomes available, e.g. q4x8
     once a compiler is installed, measures again)."""

@@ -39,7 +39,9 @@ from .threads import ort_session_options
 
 ACCURACY_LEVEL = 4          # MatMulNBits: int8 activations x int4 weights (the fast CPU path)
 Q4X8 = "q4x8"               # ib-edge's own int4 x int8 op instead of MatMulNBits (runtime/q4x8.py)
-KERNEL_NAMES = {4: "ort-int8", 1: "ort-fp32", Q4X8: "ort-q4x8"}
+# the ort engine's kernels: MatMulNBits accuracy_level or Q4X8 -> name; most exact first
+# (kernel_choice.KERNELS is built from this)
+KERNEL_NAMES = {1: "ort-fp32", 4: "ort-int8", Q4X8: "ort-q4x8"}
 _PLACEHOLDER = "ib-edge-in-memory"
 
 

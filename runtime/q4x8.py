@@ -60,17 +60,27 @@ def layout_why_not(group_sizes) -> str | None:
     return f"int4 group size {bad[0]} is not a multiple of {BLOCK} (the q4x8 kernel's block)" if bad else None
 
 
+NO_COMPILER = f"no C compiler found (set CC, or build the library with cmake and set {ENV} to it)"
+
+
 def _compiler() -> str | None:
     cc = os.environ.get("CC") or "cc"
     return shutil.which(cc)
+
+
+def _prebuilt() -> Path | None:
+    """The library named by ``IB_EDGE_Q4X8_LIB`` (None: unset); RuntimeError when it is missing."""
+    prebuilt = os.environ.get(ENV)
+    if prebuilt and not Path(prebuilt).is_file():
+        raise RuntimeError(f"{ENV}={prebuilt}: no such file")
+    return Path(prebuilt) if prebuilt else None
 
 
 def _build(out: Path) -> None:
     """Compile the library to ``out`` (atomically: a temp file renamed into place)."""
     cc = _compiler()
     if cc is None:
-        raise RuntimeError("no C compiler found (set CC, or build the library with cmake and set "
-                           f"{ENV} to it)")
+        raise RuntimeError(NO_COMPILER)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
@@ -116,11 +126,9 @@ def library() -> Path:
     why = cpu_why_not()
     if why:
         raise RuntimeError(why)
-    prebuilt = os.environ.get(ENV)
+    prebuilt = _prebuilt()
     if prebuilt:
-        if not Path(prebuilt).is_file():
-            raise RuntimeError(f"{ENV}={prebuilt}: no such file")
-        return Path(prebuilt)
+        return prebuilt
     if "lib" not in _built:
         path = cache_home() / "native" / f"libib_q4x8-{_library_key()}.so"
         try:
@@ -142,17 +150,15 @@ def why_not(group_sizes=(), build: bool = True) -> str | None:
     why = cpu_why_not() or layout_why_not(group_sizes)
     if why:
         return why
-    if not build:
-        prebuilt = os.environ.get(ENV)
-        if prebuilt:
-            return None if Path(prebuilt).is_file() else f"{ENV}={prebuilt}: no such file"
-        got = _built.get("lib")
-        if isinstance(got, str):
-            return got
-        return None if got is not None or _compiler() else ("no C compiler found (set CC, or build the library "
-                                                            f"with cmake and set {ENV} to it)")
     try:
-        library()
+        if build:
+            library()
+        elif not _prebuilt():
+            got = _built.get("lib")
+            if isinstance(got, str):   # an earlier build failed in this process
+                return got
+            if got is None and _compiler() is None:
+                return NO_COMPILER
     except RuntimeError as e:
         return str(e)
     return None

@@ -43,8 +43,7 @@ typedef struct OrtApi {
     OrtStatus *(*AddCustomOpDomain)(OrtSessionOptions *options, OrtCustomOpDomain *domain);           /* 28 */
     IB_GAP(29, 50);
     OrtStatus *(*GetTensorMutableData)(OrtValue *value, void **out);                                  /* 51 */
-    IB_GAP(52, 59);
-    OrtStatus *(*GetTensorElementType)(const OrtTensorTypeAndShapeInfo *info, int *out);              /* 60 */
+    IB_GAP(52, 60);
     OrtStatus *(*GetDimensionsCount)(const OrtTensorTypeAndShapeInfo *info, size_t *out);             /* 61 */
     OrtStatus *(*GetDimensions)(const OrtTensorTypeAndShapeInfo *info, int64_t *dims, size_t n);      /* 62 */
     IB_GAP(63, 64);
@@ -69,7 +68,7 @@ typedef struct OrtApi {
 #define IB_AT(field, pos) _Static_assert(offsetof(OrtApi, field) == (pos) * sizeof(void *), #field " at " #pos)
 IB_AT(CreateCustomOpDomain, 26);
 IB_AT(GetTensorMutableData, 51);
-IB_AT(GetTensorElementType, 60);
+IB_AT(GetDimensionsCount, 61);
 IB_AT(GetTensorTypeAndShape, 65);
 IB_AT(KernelInfoGetAttribute_int64, 86);
 IB_AT(KernelContext_GetInput, 90);

@@ -32,9 +32,7 @@
 
 #define RR 8          /* weight rows per interleaved group */
 #define QB 128        /* values per quantization block (activations and weights) */
-#ifndef PREFETCH
 #define PREFETCH 2048 /* bytes ahead of the weight stream */
-#endif
 
 /* ---------------------------------------------------------------- the algorithm core --------- */
 
@@ -140,21 +138,47 @@ static void group_rows(const uint8_t *W, const float *S, const uint8_t *Z, int64
     if (m < M) group_rows_at(W, S, Z, nb, g, rows, m, 0, xq, dx, dsx, y, ldy);
 }
 
+/* One product: the weights, the activations quantized once into a scratch buffer, the output. */
+typedef struct {
+    const uint8_t *W; const float *S; const uint8_t *Z;
+    int64_t nb, G, N, M, chunks;
+    int8_t *xq; float *dx, *dsx; float *y;
+} Work;
+
+/* Quantize A's M rows into w's scratch (one allocation, freed by work_free); 0, or -2 when out of
+ * memory. */
+static int work_init(Work *w, const float *A, int64_t M, int64_t K, int64_t N, const uint8_t *W, const float *S,
+                     const uint8_t *Z, float *Y) {
+    int64_t nb = K / QB, rows = M ? M : 1;
+    *w = (Work){W, S, Z, nb, (N + RR - 1) / RR, N, M, 1, NULL, NULL, NULL, Y};
+    float *f = malloc(sizeof(float) * (size_t)rows * nb * 2 + (size_t)rows * K);
+    if (!f) return -2;
+    w->dx = f;
+    w->dsx = f + rows * nb;
+    w->xq = (int8_t *)(f + 2 * rows * nb);
+    for (int64_t m = 0; m < M; m++) quantize_row(A + m * K, K, w->xq + m * K, w->dx + m * nb, w->dsx + m * nb);
+    return 0;
+}
+
+static void work_free(Work *w) { free(w->dx); }
+
+/* Output row groups [g0, g1) for every activation row. */
+static void run_groups(const Work *w, int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; g++)
+        group_rows(w->W, w->S, w->Z, w->nb, g, (int)(w->N - g * RR < RR ? w->N - g * RR : RR), w->M, w->xq, w->dx,
+                   w->dsx, w->y, w->N);
+}
+
 /* The whole product on the calling thread, for tests and benchmarks outside ONNX Runtime. */
 #define IB_EXPORT __attribute__((visibility("default")))
 
 IB_EXPORT int ib_q4x8_matmul(const float *A, int64_t M, int64_t K, int64_t N, const uint8_t *W, const float *S,
                    const uint8_t *Z, float *Y) {
     if (K <= 0 || K % QB || N <= 0 || M < 0) return -1;
-    int64_t nb = K / QB, G = (N + RR - 1) / RR;
-    int8_t *xq = malloc((size_t)(M ? M : 1) * K);
-    float *dx = malloc(sizeof(float) * (size_t)(M ? M : 1) * nb * 2);
-    if (!xq || !dx) { free(xq); free(dx); return -2; }
-    for (int64_t m = 0; m < M; m++) quantize_row(A + m * K, K, xq + m * K, dx + m * nb, dx + M * nb + m * nb);
-    for (int64_t g = 0; g < G; g++)
-        group_rows(W, S, Z, nb, g, (int)(N - g * RR < RR ? N - g * RR : RR), M, xq, dx, dx + M * nb, Y, N);
-    free(xq);
-    free(dx);
+    Work w;
+    if (work_init(&w, A, M, K, N, W, S, Z, Y)) return -2;
+    run_groups(&w, 0, w.G);
+    work_free(&w);
     return 0;
 }
 
@@ -173,22 +197,11 @@ typedef struct {
     int64_t K, N;
 } Kernel;
 
-typedef struct {   /* one ParallelFor over chunks of groups */
-    const uint8_t *W; const float *S; const uint8_t *Z;
-    int64_t nb, G, N, M, chunks;
-    const int8_t *xq; const float *dx, *dsx; float *y;
-} Work;
-
-#ifndef CHUNKS
 #define CHUNKS 16   /* tasks per matmul: contiguous runs of groups, spread over the intra-op pool */
-#endif
 
 static void run_chunk(void *p, size_t i) {
     const Work *w = p;
-    int64_t g0 = w->G * (int64_t)i / w->chunks, g1 = w->G * (int64_t)(i + 1) / w->chunks;
-    for (int64_t g = g0; g < g1; g++)
-        group_rows(w->W, w->S, w->Z, w->nb, g, (int)(w->N - g * RR < RR ? w->N - g * RR : RR), w->M, w->xq, w->dx,
-                   w->dsx, w->y, w->N);
+    run_groups(w, w->G * (int64_t)i / w->chunks, w->G * (int64_t)(i + 1) / w->chunks);
 }
 
 static OrtStatus *fail(const char *fmt, long long a, long long b) {
@@ -199,13 +212,13 @@ static OrtStatus *fail(const char *fmt, long long a, long long b) {
 
 #define CHECK(expr) do { OrtStatus *st_ = (expr); if (st_) return st_; } while (0)
 
-static OrtStatus *tensor_dims(const OrtValue *v, int64_t *dims, size_t *rank, int *type) {
+/* (ONNX Runtime checks the element types against GetInputType before the kernel runs.) */
+static OrtStatus *tensor_dims(const OrtValue *v, int64_t *dims, size_t *rank) {
     OrtTensorTypeAndShapeInfo *info;
     CHECK(api->GetTensorTypeAndShape(v, &info));
     OrtStatus *st = api->GetDimensionsCount(info, rank);
     if (!st && *rank > 8) st = api->CreateStatus(ORT_INVALID_ARGUMENT, "MatMulQ4x8: input of rank > 8");
     if (!st) st = api->GetDimensions(info, dims, *rank);
-    if (!st) st = api->GetTensorElementType(info, type);
     api->ReleaseTensorTypeAndShapeInfo(info);
     return st;
 }
@@ -215,10 +228,9 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     const OrtValue *in[4];
     int64_t dims[4][8];
     size_t rank[4];
-    int type[4];
     for (size_t i = 0; i < 4; i++) {
         CHECK(api->KernelContext_GetInput(ctx, i, &in[i]));
-        CHECK(tensor_dims(in[i], dims[i], &rank[i], &type[i]));
+        CHECK(tensor_dims(in[i], dims[i], &rank[i]));
     }
     int64_t K = k->K, N = k->N, nb = K / QB, G = (N + RR - 1) / RR;
     if (rank[0] < 1 || dims[0][rank[0] - 1] != K) return fail("MatMulQ4x8: A's last dimension is %lld, K is %lld",
@@ -242,14 +254,11 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     CHECK(api->GetTensorMutableData((OrtValue *)in[3], (void **)&Z));
     CHECK(api->GetTensorMutableData(out, (void **)&Y));
     if (M == 0) return NULL;
-    int8_t *xq = malloc((size_t)M * K);
-    float *dx = malloc(sizeof(float) * (size_t)M * nb * 2);
-    if (!xq || !dx) { free(xq); free(dx); return api->CreateStatus(ORT_FAIL, "MatMulQ4x8: out of memory"); }
-    for (int64_t m = 0; m < M; m++) quantize_row(A + m * K, K, xq + m * K, dx + m * nb, dx + M * nb + m * nb);
-    Work w = {W, S, Z, nb, G, N, M, G < CHUNKS ? G : CHUNKS, xq, dx, dx + M * nb, Y};
+    Work w;
+    if (work_init(&w, A, M, K, N, W, S, Z, Y)) return api->CreateStatus(ORT_FAIL, "MatMulQ4x8: out of memory");
+    w.chunks = G < CHUNKS ? G : CHUNKS;
     OrtStatus *st = api->KernelContext_ParallelFor(ctx, run_chunk, (size_t)w.chunks, (size_t)w.chunks, &w);
-    free(xq);
-    free(dx);
+    work_free(&w);
     return st;
 }
 
